@@ -27,6 +27,7 @@ class LiverSegError(Exception):
                  problem:str): # what is wrong with it
         self.path, self.problem = path, " ".join(str(problem).split())
         super().__init__(f"{path}: {self.problem}")
+    def __reduce__(self): return (type(self), (self.path, self.problem)) # survives worker processes
 
 # %% ../nbs/00_io.ipynb #088f0e32
 _COMPRESSED = {'.gz', '.bz2', '.xz', '.zst', '.zip'}
