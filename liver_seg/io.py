@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/io.html.md"""
 
 # %% ../nbs/00_io.ipynb #99027139
 from __future__ import annotations
-import os, re, shutil
+import os, re, shutil, errno
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,8 @@ def _remove(p:Path):
     if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
     elif p.exists() or p.is_symlink(): p.unlink()
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
 @contextmanager
 def atomic_path(dest, # the final output path (a file, or a folder the caller creates)
                 force:bool=False): # replace `dest` if it exists
@@ -64,9 +66,10 @@ def atomic_path(dest, # the final output path (a file, or a folder the caller cr
             old = parent/f".{stem}.old-{os.getpid()}{suf}"
             os.replace(dest, old); os.replace(tmp, dest); _remove(old)
         else: os.replace(tmp, dest)
-    except PermissionError as e:
+    except OSError as e:
         _remove(tmp)
-        raise LiverSegError(dest, f"cannot write: {e.strerror}") from None
+        if e.errno in _WRITE_ERRNOS: raise LiverSegError(dest, f"cannot write: {e.strerror or e}") from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
@@ -297,7 +300,7 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 def parse_slice_name(stem:str) -> tuple: # (case id, slice number)
     "Split a slice file stem into case id (up to the last `_`) and slice number (after it)."
     case, sep, num = str(stem).rpartition('_')
-    if not sep or not case or not num.isdigit():
+    if not sep or not case or not (num.isascii() and num.isdigit()):
         raise LiverSegError(stem, "slice name must be <case>_<slice number>, e.g. 0_46 or volume-3_12")
     return case, int(num)
 
