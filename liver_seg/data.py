@@ -58,6 +58,13 @@ def mask_encoding(masks, # mask paths of one folder
     decode_mask(np.array(sorted(seen), np.uint8)[None], masks[0])  # raises, naming values and file
     return None
 
+def _check_sizes(df):
+    "Refuse a mask whose size differs from its image's (PIL reads only the headers)"
+    from PIL import Image
+    for img, msk in zip(df['image'], df['mask']):
+        with Image.open(img) as a, Image.open(msk) as b:
+            if a.size != b.size: raise LiverSegError(msk, f"mask is {b.size[0]}x{b.size[1]} but its image {Path(img).name} is {a.size[0]}x{a.size[1]}")
+
 def slice_items(path, # a slice folder
                 masks:bool=True): # require masks (training); False lists images only
     "DataFrame of the slices in `path`: case, slice, image, mask, prev, next (neighbours in the case), sorted"
@@ -67,6 +74,7 @@ def slice_items(path, # a slice folder
         if col in df and df[col].notna().all(): df[col] = [Path(p).resolve() for p in df[col]]
     df['prev'] = df.groupby('case', sort=False)['image'].shift(1).fillna(df['image'])
     df['next'] = df.groupby('case', sort=False)['image'].shift(-1).fillna(df['image'])
+    if masks: _check_sizes(df)
     df.attrs['mask_encoding'] = mask_encoding(df['mask']) if masks else None
     df.attrs['path'] = str(Path(path).resolve())
     return df

@@ -214,6 +214,8 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
     if loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     if fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {fit!r}: use one_cycle or fine_tune")
     if out.exists() and not force: raise LiverSegError(out, "exists; use --force to overwrite")
+    try: out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
+    except OSError as e: raise LiverSegError(out.parent, f"cannot create the output folder: {e.strerror or e}") from None
     device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     prec, prec_cbs = resolve_precision(precision, device)
     lr = 2e-3 if lr is None else lr
@@ -229,7 +231,6 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
                   data=str(Path(data).resolve()), monitor='dice_mean', n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
     cfg = default_config(arch=arch, size=size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
                          precision=prec, recipe=recipe, split=dls.split)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, force=force) as tmp:
         tmp = Path(tmp); tmp.mkdir()
         set_seed(seed, reproducible=True)
