@@ -1,0 +1,165 @@
+"""Volume prediction throughput and memory: `liver-seg predict` against the seed's way, in the same run.
+
+    python bench/predict_throughput.py [--slices 100] [--size 128] [--big 1000] [--no-big] [--workdir DIR]
+
+A synthetic 512 x 512 x N int16 NIfTI (liver_seg.synth phantom) is segmented by an untrained resnet34 U-Net at 128 px
+(speed only, so untrained weights are fine):
+
+- ours: `liver-seg predict MODEL_DIR IN.nii.gz OUT.nii.gz` (full resolution output in the input's geometry,
+  post-processed, written as NIfTI; config precision bf16 when this CPU has native bf16, else fp32), and the same
+  through `predict_path` in a Python child timed around the call (imports excluded);
+- the seed's way: `load_learner` on a `learner.pkl` (seed-style DataBlock, `Resize(128)`, `IntToFloatTensor`,
+  `Normalize`), `read_nii` with `get_fdata` + `rot90`, per-slice `to_nchan` + `byte`, `test_dl` + `get_preds` (fp32),
+  argmax left at 128 px.
+
+Each runs in its own child process; wall times are end to end (start-up, imports, model load, reading, prediction,
+and for ours post-processing and writing). Peak RSS is each child's `ru_maxrss` (measured by a wrapper process
+with `resource.getrusage(RUSAGE_CHILDREN)`). Then peak RSS of ours on a 512 x 512 x `--big` int16 volume.
+Measured, never asserted: the machine is shared, timings are noisy.
+"""
+import argparse, json, os, subprocess, sys, tempfile, time, warnings
+from pathlib import Path
+warnings.filterwarnings('ignore')
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+CODES = np.array(["background", "liver", "tumor"])
+WINS = [(150, 30), (200, 60)]
+
+
+def label_func(x):
+    "The seed's label function (importable, so the exported learner unpickles in a child)"
+    return Path(x).parent.parent/'train_masks'/f'{Path(x).stem}_mask.png'
+
+
+def make_seed_learner(folder, size=128, n=24):
+    "Export a seed-style learner.pkl (DataBlock from a few phantom slice JPGs, unet_learner resnet34, untrained)"
+    from fastai.vision.all import (DataBlock, ImageBlock, MaskBlock, Resize, IntToFloatTensor, Normalize, RandomSplitter,
+                                   get_image_files, unet_learner, resnet34, CrossEntropyLossFlat)
+    from liver_seg.synth import make_phantom
+    from liver_seg.windows import volume_channels
+    from PIL import Image
+    folder, size, n = Path(folder), int(size), int(n)
+    (folder/'train_images').mkdir(parents=True, exist_ok=True); (folder/'train_masks').mkdir(exist_ok=True)
+    hu, lab, _ = make_phantom((512, 512, n), seed=0)
+    ch = volume_channels(hu, windows=WINS)
+    for k in range(n):
+        Image.fromarray(ch[k]).save(folder/'train_images'/f'volume-0_slice_{k}.jpg', quality=95)
+        Image.fromarray(np.rot90(lab[:, :, k]).copy()).save(folder/'train_masks'/f'volume-0_slice_{k}_mask.png')
+    db = DataBlock(blocks=(ImageBlock(), MaskBlock(CODES)), batch_tfms=[IntToFloatTensor(), Normalize()],
+                   splitter=RandomSplitter(seed=0), item_tfms=[Resize(size)], get_items=get_image_files, get_y=label_func)
+    dls = db.dataloaders(folder/'train_images', bs=16, num_workers=0)
+    learn = unet_learner(dls, resnet34, loss_func=CrossEntropyLossFlat(axis=1), pretrained=False)
+    learn.export(folder/'learner.pkl')
+    return str(folder/'learner.pkl')
+
+
+def seed_predict(pkl, nii):
+    "The seed's prediction of one NIfTI volume; returns (seconds without imports/load_learner, mask shape)"
+    import torch, nibabel as nib
+    from fastai.vision.all import load_learner, tensor, TensorImage
+    from fastai.medical.imaging import dicom_windows  # noqa: F401 (patches Tensor.to_nchan)
+    learn = load_learner(pkl, cpu=True)
+    t0 = time.perf_counter()
+    arr = np.rot90(np.array(nib.load(str(nii)).get_fdata()))
+    slices = []
+    for k in range(arr.shape[2]):
+        data = tensor(arr[:, :, k].astype(np.float32))
+        slices.append(TensorImage((data.to_nchan(WINS)*255).byte()))
+    dl = learn.dls.test_dl(slices)
+    preds, _ = learn.get_preds(dl=dl)
+    mask = np.argmax(preds, axis=1)
+    return time.perf_counter() - t0, tuple(mask.shape)
+
+
+def ours_predict(model_dir, nii, out):
+    "predict_path timed around the call (model load, reading, prediction, post-processing, writing)"
+    from liver_seg.predict import predict_path
+    t0 = time.perf_counter()
+    predict_path(model_dir, nii, out, force=True, progress=False)
+    return time.perf_counter() - t0
+
+
+def measured(cmd):
+    "Run `cmd` under a wrapper process; returns (wall seconds, peak RSS MB of the command, its stdout)"
+    wrapper = ("import resource, subprocess, sys, time, json; t = time.perf_counter();"
+               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); dt = time.perf_counter() - t;"
+               "print(json.dumps(dict(rc=r.returncode, wall=dt, rss=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,"
+               "out=r.stdout[-2000:], err=r.stderr[-2000:])))")
+    r = subprocess.run([sys.executable, '-c', wrapper, *map(str, cmd)], capture_output=True, text=True, check=True)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if res['rc'] != 0: raise RuntimeError(f"{cmd} failed: {res['err']}")
+    return res['wall'], res['rss'], res['out']
+
+
+def child(fn, *args):
+    "Command that runs `fn(*args)` of this module in a fresh Python and prints its JSON result"
+    code = (f"import sys, json; sys.path.insert(0, {str(BENCH)!r}); sys.path.insert(0, {str(ROOT)!r});"
+            f"import predict_throughput as b; print(json.dumps(b.{fn}(*sys.argv[1:])))")
+    return [sys.executable, '-c', code, *args]
+
+
+def write_volume(path, n, seed=0, tile=None):
+    "A 512 x 512 x n int16 phantom NIfTI (tiled along z from `tile` slices when given, to save time)"
+    from liver_seg.synth import make_phantom, phantom_affine
+    import nibabel as nib
+    hu, _, aff = make_phantom((512, 512, tile or n), seed=seed)
+    if tile: hu = np.concatenate([hu] * (n // tile + 1), axis=2)[:, :, :n]; aff = phantom_affine((512, 512, n))
+    img = nib.Nifti1Image(hu, aff); img.header.set_qform(aff, 1); img.header.set_sform(aff, 1)
+    nib.save(img, str(path))
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--slices', type=int, default=100)
+    ap.add_argument('--size', type=int, default=128)
+    ap.add_argument('--big', type=int, default=1000)
+    ap.add_argument('--no-big', action='store_true')
+    ap.add_argument('--workdir', default=None)
+    a = ap.parse_args()
+    import torch
+    from liver_seg.model import build_model, default_config, save_model_folder
+    from liver_seg.predict import cpu_has_bf16
+    work = Path(a.workdir or tempfile.mkdtemp(prefix='predict_bench_'))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"CPU threads {torch.get_num_threads()}, native bf16: {cpu_has_bf16()}, load average {os.getloadavg()[0]:.1f}, work dir {work}")
+    prec = 'bf16' if cpu_has_bf16() else 'fp32'
+    cfg = default_config(arch='resnet34', size=a.size, precision=prec,
+                         input={'kind': 'hu_windows', 'windows': [list(w) for w in WINS], 'freqhist': True, 'context': 0})
+    torch.manual_seed(0)
+    model_dir = save_model_folder(build_model(cfg), cfg, work/'model', force=True)
+    nii = write_volume(work/'volume.nii.gz', a.slices)
+    pkl_dir = work/'seed'
+    r = subprocess.run(child('make_seed_learner', str(pkl_dir), str(a.size)), capture_output=True, text=True)
+    if r.returncode: sys.exit(f"making the seed's learner.pkl failed:\n{r.stderr[-3000:]}")
+    pkl = pkl_dir/'learner.pkl'
+    print(f"volume 512 x 512 x {a.slices} int16, resnet34 U-Net at {a.size} px (untrained), ours precision {prec}")
+
+    rows = []
+    w, rss, out = measured(child('seed_predict', str(pkl), str(nii)))
+    inner, shape = json.loads(out.strip().splitlines()[-1])
+    rows.append(('seed: load_learner + to_nchan + test_dl/get_preds (fp32, 128 px out)', w, inner, rss))
+    w, rss, _ = measured(['liver-seg', 'predict', model_dir, nii, work/'pred_cli.nii.gz', '--force'])
+    rows.append((f'ours: liver-seg predict ({prec}, full-res NIfTI, post-processed)', w, None, rss))
+    w, rss, out = measured(child('ours_predict', str(model_dir), str(nii), str(work/'pred_py.nii.gz')))
+    rows.append((f'ours: predict_path in Python ({prec})', w, float(out.strip().splitlines()[-1]), rss))
+    print(f"\n{'method':78s} {'wall s':>7s} {'slices/s':>9s} {'inner s':>8s} {'slices/s':>9s} {'RSS MB':>7s}")
+    for name, w, inner, rss in rows:
+        ins = f"{inner:8.1f} {a.slices/inner:9.2f}" if inner else f"{'-':>8s} {'-':>9s}"
+        print(f"{name:78s} {w:7.1f} {a.slices/w:9.2f} {ins} {rss:7.0f}")
+    seed_w, seed_in = rows[0][1], rows[0][2]
+    print(f"\nspeed-up, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, predict_path {seed_w/rows[2][1]:.1f}x")
+    print(f"speed-up, timed region only (seed without imports/load_learner vs predict_path call): {seed_in/rows[2][2]:.1f}x")
+
+    if not a.no_big:
+        big = write_volume(work/'big.nii.gz', a.big, tile=50)
+        print(f"\nours on 512 x 512 x {a.big} int16 (the int16 input alone is {512*512*a.big*2/2**20:.0f} MB):")
+        for extra in ([], ['--no-postprocess']):
+            w, rss, _ = measured(['liver-seg', 'predict', model_dir, big, work/'big_pred.nii.gz', '--force', *extra])
+            print(f"  liver-seg predict {' '.join(extra):18s} {w:5.0f} s ({a.big/w:.1f} slices/s), peak RSS {rss:.0f} MB ({rss/1024:.2f} GB)")
+
+
+if __name__ == '__main__': main()
