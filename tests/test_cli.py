@@ -1,0 +1,115 @@
+"End-to-end runs of the `liver-seg` command line on synthetic phantoms: prepare -> train -> predict (NIfTI, DICOM, slices) -> evaluate"
+import math, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from liver_seg.io import read_nifti, read_labels, read_dicom_series, find_slice_pairs
+from liver_seg.synth import make_phantom, phantom_affine, write_lits_case, write_chaos_case, make_phantom_dataset
+
+CLI = [sys.executable, '-c', 'import sys; from liver_seg.cli import main; sys.exit(main())']
+PH = dict(shape=(64, 64, 12), spacing=(2.0, 2.0, 5.0))
+
+def run(*args, ok=True):
+    "Run `liver-seg ARGS` in a subprocess; check its exit status"
+    r = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=900)
+    if ok: assert r.returncode == 0, f"liver-seg {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}"
+    return r
+
+@pytest.fixture(scope='module')
+def flow(tmp_path_factory):
+    "Phantoms, a prepared slice folder and a tiny trained model, made once for the module"
+    tmp = tmp_path_factory.mktemp('flow')
+    make_phantom_dataset(tmp/'lits', n_cases=3, kind='lits', seed=3, **PH)
+    r = run('prepare', tmp/'lits', tmp/'slices', '--format', 'png')
+    assert 'manifest' in r.stdout
+    r = run('train', tmp/'slices', '--out', tmp/'model', '--arch', 'resnet18', '--size', 64, '--epochs', 1,
+            '--bs', 8, '--no-pretrained', '--valid-cases', 'volume-2')
+    assert str(tmp/'model') in r.stdout
+    return tmp
+
+def test_prepare_manifest_counts_every_voxel(flow):
+    m = pd.read_csv(flow/'slices'/'manifest.csv')
+    test_counts = {}
+    for case in range(3):
+        seg = read_labels(flow/'lits'/f'segmentation-{case}.nii.gz').array
+        test_counts[f'volume-{case}'] = (int((seg == 1).sum()), int((seg == 2).sum()))
+    got = m.groupby('case')[['liver_px', 'tumor_px']].sum()
+    for case, (liver, tumor) in test_counts.items():
+        assert tuple(got.loc[case]) == (liver, tumor)
+
+def test_model_folder_is_complete(flow):
+    names = {p.name for p in (flow/'model').iterdir()}
+    assert {'weights.safetensors', 'config.json', 'history.csv', 'learner.pkl'} <= names
+
+def test_predict_nifti_keeps_geometry_and_evaluates(flow):
+    "A held-out phantom with a non-identity affine predicts onto its own grid; evaluate prints and writes a table"
+    vol, seg = write_lits_case(flow/'heldout', case_id=7, seed=11, **PH)
+    src = read_nifti(vol)
+    assert not np.allclose(src.affine[:3, :3], np.eye(3)) and np.abs(src.affine[:3, 3]).sum() > 0
+    out = flow/'pred'/'prediction-7.nii.gz'
+    (flow/'pred').mkdir()
+    r = run('predict', flow/'model', vol, out, '--batch-size', 4)
+    assert str(out) in r.stdout
+    pred = read_labels(out)
+    assert pred.shape == src.shape and pred.array.dtype == np.uint8
+    assert set(np.unique(pred.array)) <= {0, 1, 2}
+    np.testing.assert_array_equal(pred.affine, src.affine)
+    import nibabel as nib
+    a, b = nib.load(str(vol)).header, nib.load(str(out)).header
+    np.testing.assert_allclose(a.get_qform(), b.get_qform()); np.testing.assert_allclose(a.get_sform(), b.get_sform())
+    assert (int(a['qform_code']), int(a['sform_code'])) == (int(b['qform_code']), int(b['sform_code']))
+    r = run('evaluate', out, seg, '--csv', flow/'metrics.csv')
+    df = pd.read_csv(flow/'metrics.csv')
+    assert len(df) == 1 and 'liver_dice' in df and 'tumor_hd95_mm' in df
+    assert 0 <= df.liver_dice[0] <= 1 and math.isfinite(df.liver_volume_ml_gt[0])
+    assert 'liver_dice' in r.stdout
+
+def test_predict_dicom_matches_its_nifti_twin(flow):
+    "A CHAOS-style DICOM series and the NIfTI of the same phantom give the same labels on the same world grid"
+    case = write_chaos_case(flow/'chaos'/'c1', seed=5, **PH)
+    dcm = read_dicom_series(case/'DICOM')
+    twin = flow/'twin.nii.gz'
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(dcm.array, dcm.affine), str(twin))
+    run('predict', flow/'model', case/'DICOM', flow/'from_dicom.nii.gz')
+    run('predict', flow/'model', twin, flow/'from_nifti.nii.gz')
+    a, b = read_labels(flow/'from_dicom.nii.gz'), read_labels(flow/'from_nifti.nii.gz')
+    np.testing.assert_allclose(a.affine, dcm.affine, atol=1e-4)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+    np.testing.assert_array_equal(a.array, b.array)
+
+def test_predict_slice_folder_writes_one_mask_per_image(flow):
+    images = flow/'slices'/'images'
+    r = run('predict', flow/'model', images, flow/'slice_pred', '--encoding', '127')
+    names_in = sorted(p.stem for p in images.iterdir())
+    names_out = sorted(p.stem for p in (flow/'slice_pred').iterdir())
+    assert names_in == names_out
+    from PIL import Image
+    vals = set()
+    for p in list((flow/'slice_pred').iterdir())[:10]: vals |= set(np.unique(np.asarray(Image.open(p))).tolist())
+    assert vals <= {0, 127, 255}
+    r = run('evaluate', flow/'slice_pred', flow/'slices'/'masks')
+    assert 'volume-0' in r.stdout
+
+def test_existing_output_is_kept_without_force(flow):
+    out = flow/'pred_keep.nii.gz'
+    out.write_bytes(b'keep me')
+    r = run('predict', flow/'model', flow/'lits'/'volume-0.nii.gz', out, ok=False)
+    assert r.returncode == 2 and 'exists' in r.stderr and out.read_bytes() == b'keep me'
+    run('predict', flow/'model', flow/'lits'/'volume-0.nii.gz', out, '--force')
+    assert read_labels(out).shape == PH['shape']
+
+def test_demo_runs_end_to_end_small(tmp_path):
+    "The demo's flow at a tiny size: a report with finite metrics, figures and the paths it wrote"
+    from liver_seg.demo import run_demo
+    report = run_demo(tmp_path/'demo', progress=False, n_train=2, shape=(64, 64, 8), size=64, epochs=1, bs=4,
+                      arch='resnet18')
+    m = pd.read_csv(tmp_path/'demo'/'metrics.csv')
+    assert math.isfinite(m.liver_dice[0]) and math.isfinite(m.liver_volume_ml_gt[0])
+    text = report.read_text()
+    assert 'Held-out liver Dice' in text and 'montage_liver.png' in text
+    for png in ('montage_liver.png', 'montage_tumor.png', 'learning_curves.png'):
+        assert (tmp_path/'demo'/png).stat().st_size > 1000
