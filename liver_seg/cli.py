@@ -63,7 +63,7 @@ def train(data:str,                # slice folder (from `prepare`, or images/ + 
     kw.update({k:v for k,v in given.items() if v is not None})
     if config and pretrained: kw['pretrained'] = load_train_config(config).get('pretrained', True) # only --no-pretrained overrides the file
     folder = _train(data, out=out, **kw)
-    print(f"model folder: {folder}")
+    if os.environ.get('RANK', '0') == '0': print(f"model folder: {folder}") # once under torchrun
     return folder
 
 # %% ../nbs/13_cli.ipynb #0c2681f7

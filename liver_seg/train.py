@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/train.html.md"""
 
 # %% ../nbs/07_train.ipynb #ea574ea8
 from __future__ import annotations
-import json, time, warnings
+import json, os, time, warnings
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
@@ -20,7 +20,7 @@ from .model import build_model, default_config, write_model_files, encoder_arch
 
 # %% auto #0
 __all__ = ['CPUBF16', 'cpu_bf16_fast', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger', 'plot_learning_curves',
-           'load_train_config', 'train']
+           'load_train_config', 'distributed_env', 'SyncValidation', 'auto_context', 'train']
 
 # %% ../nbs/07_train.ipynb #0b5f700a
 class CPUBF16(Callback):
@@ -168,7 +168,72 @@ def load_train_config(path): # a .yaml/.yml or .json file of train options
         out[k2] = v
     return out
 
+# %% ../nbs/07_train.ipynb #dba64204
+def distributed_env():
+    "(rank, local_rank, world_size) when a launcher (`torchrun`, `accelerate launch`) started several processes, else None"
+    world = int(os.environ.get('WORLD_SIZE', '1') or 1)
+    if world <= 1: return None
+    return int(os.environ.get('RANK', '0') or 0), int(os.environ.get('LOCAL_RANK', '0') or 0), world
+
+def _comm_device():
+    "Device collectives take tensors on: the current GPU under NCCL, else the CPU"
+    if torch.distributed.get_backend() == 'nccl': return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+def _broadcast_idxs(self, t, rank):
+    "`DistributedDL._broadcast` for any backend (fastai's puts the indices on CUDA, which gloo does not take)"
+    t = torch.tensor(list(t), dtype=torch.long, device=_comm_device())
+    torch.distributed.broadcast(t, rank)
+    return t.cpu().tolist()
+
+def _wrap_dl(self, dl):
+    "`DistributedTrainer._wrap_dl` for a DDP model without a `device` attribute (recent PyTorch)"
+    from fastai.distributed import DistributedDL
+    if isinstance(dl, DistributedDL): return dl
+    p = next(self.learn.model.parameters(), None)
+    return DistributedDL(dl, device=getattr(self.learn.model, 'device', None) or (p.device if p is not None else None))
+
+def _patch_fastai_distributed():
+    "Make fastai's `DistributedDL`/`DistributedTrainer` work with gloo on CPUs and with recent PyTorch"
+    from fastai.distributed import DistributedDL, DistributedTrainer
+    DistributedDL._broadcast, DistributedTrainer._wrap_dl = _broadcast_idxs, _wrap_dl
+
+class SyncValidation(Callback):
+    "Validate every rank with rank 0's BatchNorm statistics and sum the `ClassOverlap` counts over all processes"
+    order = 40 # after validation, before the `Recorder` (50) reads the metric values
+    def before_validate(self):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return
+        for b in self.learn.model.buffers(): torch.distributed.broadcast(b.data, 0)
+    def after_validate(self):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return
+        parts = []
+        for m in self.learn.metrics: parts += list(getattr(m, 'parts', [m]))
+        parts = [p for p in parts if all(hasattr(p, a) for a in ('tp', 'fp', 'fn'))]
+        if not parts: return
+        t = torch.tensor([[float(p.tp), float(p.fp), float(p.fn)] for p in parts], dtype=torch.float64, device=_comm_device())
+        torch.distributed.all_reduce(t)
+        for p, (tp, fp, fn) in zip(parts, t.cpu().tolist()): p.tp, p.fp, p.fn = tp, fp, fn
+
+def _without_sync_bn(model, cfg):
+    "`model` itself, or when it holds `SyncBatchNorm` layers (DDP on GPUs) the plain network of `cfg` with its weights"
+    if not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()): return model
+    p = next(model.parameters())
+    plain = build_model(cfg).to(p.device)
+    plain.load_state_dict(model.state_dict())
+    return plain.train(model.training)
+
 # %% ../nbs/07_train.ipynb #68d7c91b
+def auto_context(data): # a slice folder
+    "1 (2.5D) for a folder of gray 8-bit slices, 0 for `prepare`'s windowed slices or colour images"
+    from liver_seg.data import input_spec
+    from liver_seg.io import find_slice_pairs, read_image
+    if input_spec(data)['kind'] != 'image': return 0
+    try: df = find_slice_pairs(data)
+    except LiverSegError: return 0 # let the data loading report what is wrong
+    if not len(df): return 0
+    return int(read_image(df['image'].iloc[0]).ndim == 2)
+
+# %% ../nbs/07_train.ipynb #0070406f
 def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
     from fastai.learner import Learner
     from fastai.vision.learner import model_meta, _default_meta
@@ -184,23 +249,23 @@ def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
 def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice dataset), or X.png + X_mask.png
           out, # model folder to write
           arch:str='resnet34', # 'resnet34' (U-Net), another torchvision encoder name, or 'simple_cnn'
-          size:int=128, # slices are squished to size x size
-          epochs:int=5, # training epochs
+          size:int=160, # slices are squished to size x size
+          epochs:int=9, # training epochs
           bs:int=16, # batch size
           lr:float|None=None, # peak learning rate (default 2e-3)
-          loss:str='ce', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
+          loss:str='ce+dice', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
           valid_cases=None, # validation case names (default: a seeded `valid_pct` of the cases)
           valid_pct:float=0.2, # fraction of cases for validation when `valid_cases` is None
           pretrained:bool=True, # start from ImageNet weights (needs them cached or internet)
           weights=None, # local torchvision state dict for the encoder (implies pretrained)
           precision:str='auto', # 'auto' (bf16 where fast, else fp32), 'fp32', 'bf16', 'fp16' (CUDA)
           seed:int=42, # seed for split, initialisation, augmentation and batch order
-          context:int=0, # 1: 2.5D input (slices k-1, k, k+1 as channels; gray slice folders)
+          context:int|None=None, # 1: 2.5D input (slices k-1, k, k+1 as channels); None: 1 for gray slices, else 0
           fit:str='one_cycle', # 'one_cycle' or 'fine_tune' (the seed's)
           wd:float|None=None, # weight decay (fastai's default when None)
           flip:bool=False, # allow left-right flips in augmentation
           augment:bool=True, # rotation/zoom/lighting augmentation
-          tumor_weight:float=0., # over-sample tumour slices by 1 + this
+          tumor_weight:float=1., # over-sample tumour slices by 1 + this (0: off)
           every:int=1, # use every n-th slice of each case
           num_workers:int=0, # DataLoader workers
           device=None, # 'cpu', 'cuda' (default: CUDA if available)
@@ -214,45 +279,72 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
     if loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     if fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {fit!r}: use one_cycle or fine_tune")
     if out.exists() and not force: raise LiverSegError(out, "exists; use --force to overwrite")
-    try: out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
-    except OSError as e: raise LiverSegError(out.parent, f"cannot create the output folder: {e.strerror or e}") from None
+    rank, local_rank, world = distributed_env() or (0, 0, 1)
+    if rank == 0: # only rank 0 writes
+        try: out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
+        except OSError as e: raise LiverSegError(out.parent, f"cannot create the output folder: {e.strerror or e}") from None
     device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if world > 1 and device.type == 'cuda' and device.index is None: device = torch.device('cuda', local_rank)
     prec, prec_cbs = resolve_precision(precision, device)
     lr = 2e-3 if lr is None else lr
+    if context is None: context = auto_context(data)
     if arch != 'simple_cnn': encoder_arch(arch)
-    set_seed(seed, reproducible=True)
-    enc = pretrained_encoder_state(arch, weights) if (pretrained or weights is not None) and arch != 'simple_cnn' else None
-    dls = seg_dataloaders(data, size=size, bs=bs, valid_cases=valid_cases, valid_pct=valid_pct, seed=seed,
-                          context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, every=every,
-                          num_workers=num_workers, device=device)
-    recipe = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, fit=fit, wd=wd, seed=seed,
-                  pretrained=enc is not None, weights=None if weights is None else Path(weights).name,
-                  precision=prec, context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, every=every,
-                  data=str(Path(data).resolve()), monitor='dice_mean', n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
-    cfg = default_config(arch=arch, size=size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
-                         precision=prec, recipe=recipe, split=dls.split)
-    with atomic_path(out, force=force) as tmp:
-        tmp = Path(tmp); tmp.mkdir()
+    own_group = False
+    if world > 1:
+        try: import accelerate # fastai's DDP callback is built on it
+        except ImportError: raise LiverSegError('WORLD_SIZE', f"{world} processes need Accelerate: pip install 'liver_seg[distributed]' (or accelerate)") from None
+        _patch_fastai_distributed()
+        if device.type == 'cuda': torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+            own_group = True
+    try:
         set_seed(seed, reproducible=True)
-        model = build_model(cfg, enc)
-        hist = HistoryLogger(tmp/'history.csv')
-        best = SaveModelCallback(monitor='dice_mean', comp=np.greater, fname='best', with_opt=False)
-        learn = _learner(dls, model, cfg, loss, lr, [hist, best, *prec_cbs], enc is not None)
-        learn.path, learn.model_dir = tmp, '.'
-        t0 = time.time()
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='.*Your generator is empty.*')
-            with (learn.no_bar() if not progress else nullcontext()), (learn.no_logging() if not progress else nullcontext()):
-                if fit == 'one_cycle': learn.fit_one_cycle(epochs, lr, wd=wd)
-                else: learn.fine_tune(epochs, base_lr=lr, wd=wd)
-        import pandas as pd
-        history = pd.read_csv(tmp/'history.csv')
-        cfg['recipe']['train_seconds'] = round(time.time() - t0, 1)
-        cfg['recipe']['best_epoch'] = int(history['dice_mean'].to_numpy().argmax()) if len(history) else None
-        learn.model.to(memory_format=torch.contiguous_format).eval()
-        write_model_files(learn.model, cfg, tmp)
-        (tmp/'best.pth').unlink(missing_ok=True)
-        plot_learning_curves(history, tmp/'learning_curves.png', hist.batch_losses)
-        learn.remove_cbs([hist, best, *prec_cbs])
-        learn.export(tmp/'learner.pkl')
+        enc = pretrained_encoder_state(arch, weights) if (pretrained or weights is not None) and arch != 'simple_cnn' else None
+        dls = seg_dataloaders(data, size=size, bs=bs, valid_cases=valid_cases, valid_pct=valid_pct, seed=seed,
+                              context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, every=every,
+                              num_workers=num_workers, device=device)
+        recipe = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, fit=fit, wd=wd, seed=seed,
+                      pretrained=enc is not None, weights=None if weights is None else Path(weights).name,
+                      precision=prec, context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, every=every,
+                      data=str(Path(data).resolve()), monitor='dice_mean', n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
+        if world > 1: recipe['processes'] = world # bs is per process
+        cfg = default_config(arch=arch, size=size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
+                             precision=prec, recipe=recipe, split=dls.split)
+        with (atomic_path(out, force=force) if rank == 0 else nullcontext()) as tmp:
+            if rank == 0: tmp = Path(tmp).absolute(); tmp.mkdir() # absolute: fastai joins learn.path with these names
+            if world > 1: # every rank reads rank 0's best checkpoint from its temporary folder at the end of the fit
+                shared = [str(tmp) if rank == 0 else None]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                tmp = Path(shared[0])
+            set_seed(seed, reproducible=True)
+            model = build_model(cfg, enc)
+            hist = HistoryLogger(tmp/'history.csv') if rank == 0 else None
+            best = SaveModelCallback(monitor='dice_mean', comp=np.greater, fname='best', with_opt=False)
+            cbs = ([hist] if rank == 0 else []) + [best, *prec_cbs] + ([SyncValidation()] if world > 1 else [])
+            learn = _learner(dls, model, cfg, loss, lr, cbs, enc is not None)
+            learn.path, learn.model_dir = tmp, '.'
+            t0 = time.time()
+            with warnings.catch_warnings():
+                warnings.filterwarnings('ignore', message='.*Your generator is empty.*')
+                with (learn.no_bar() if not progress else nullcontext()), (learn.no_logging() if not progress else nullcontext()), \
+                     (learn.distrib_ctx(sync_bn=device.type == 'cuda', cpu=device.type == 'cpu') if world > 1 else nullcontext()):
+                    if fit == 'one_cycle': learn.fit_one_cycle(epochs, lr, wd=wd)
+                    else: learn.fine_tune(epochs, base_lr=lr, wd=wd)
+            if world > 1: torch.distributed.barrier() # all ranks have loaded best.pth before rank 0 removes it
+            if rank == 0:
+                import pandas as pd
+                history = pd.read_csv(tmp/'history.csv')
+                cfg['recipe']['train_seconds'] = round(time.time() - t0, 1)
+                cfg['recipe']['best_epoch'] = int(history['dice_mean'].to_numpy().argmax()) if len(history) else None
+                if world > 1: learn.model = _without_sync_bn(learn.model, cfg)
+                learn.model.to(memory_format=torch.contiguous_format).eval()
+                write_model_files(learn.model, cfg, tmp)
+                (tmp/'best.pth').unlink(missing_ok=True)
+                plot_learning_curves(history, tmp/'learning_curves.png', hist.batch_losses)
+                learn.remove_cbs(cbs)
+                learn.export(tmp/'learner.pkl')
+        if world > 1: torch.distributed.barrier() # the other ranks return once the model folder is in place
+    finally:
+        if own_group: torch.distributed.destroy_process_group()
     return out
