@@ -158,6 +158,14 @@ def _stack(paths:dict):
         out[..., i] = m
     return out
 
+def _mask_case(pred:dict, gt:dict):
+    "Predicted and true slice stacks of one case, refusing masks whose size differs from the truth's"
+    p, g = _stack(pred), _stack(gt)
+    if p.shape != g.shape:
+        k = sorted(pred)[0]
+        raise LiverSegError(pred[k], f"mask is {p.shape[1]}x{p.shape[0]}, its ground truth {gt[k].name} is {g.shape[1]}x{g.shape[0]}")
+    return p, g, (1., 1., 1.)
+
 # %% ../nbs/10_evaluate.ipynb #cb835143
 _SHOW = ['case', 'liver_dice', 'liver_voe', 'liver_rvd', 'liver_assd_mm', 'liver_hd95_mm',
          'tumor_dice', 'tumor_assd_mm', 'tumor_hd95_mm', 'tumor_lesions_found', 'tumor_lesions_true', 'tumor_lesions_false']
@@ -213,7 +221,7 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
             for k in sorted(set(pm) & set(gm), key=_sort_key):
                 miss = sorted(set(gm[k]) - set(pm[k]))
                 if miss: raise LiverSegError(gm[k][miss[0]], f"no predicted mask for this slice ({len(miss)} slices of case {k} missing in {pred})")
-                jobs.append((k, (lambda a={s: pm[k][s] for s in gm[k]}, b=gm[k]: (_stack(a), _stack(b), (1., 1., 1.)))))
+                jobs.append((k, (lambda a={s: pm[k][s] for s in gm[k]}, b=gm[k]: _mask_case(a, b))))
             only_p, only_g = sorted(set(pm) - set(gm), key=_sort_key), sorted(set(gm) - set(pm), key=_sort_key)
             note.append("slice masks carry no geometry: spacing taken as 1 mm per pixel and per slice "
                         "(distances in pixels, volumes in 1000s of voxels)")

@@ -24,9 +24,9 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(toy, tmp_path_factory):
-    "A resnet34 U-Net trained from scratch for 3 short epochs at 32 px on the toy slices"
+    "A resnet34 U-Net trained from scratch for 3 short epochs at 32 px on the toy slices (lr 3e-3 diverges here: the loss rose)"
     out = tmp_path_factory.mktemp('models')/'m'
-    return train(toy, out, arch='resnet34', size=32, epochs=3, bs=8, lr=3e-3, valid_cases=['3'],
+    return train(toy, out, arch='resnet34', size=32, epochs=3, bs=8, lr=1e-3, valid_cases=['3'],
                  pretrained=False, progress=False, loss='ce', tumor_weight=0, context=0) # one slice per input: learn.predict(path) below
 
 
