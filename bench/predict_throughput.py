@@ -122,7 +122,7 @@ def main():
     a = ap.parse_args()
     import torch
     from liver_seg.model import build_model, default_config, save_model_folder
-    from liver_seg.predict import cpu_has_bf16
+    from liver_seg.model import cpu_has_bf16
     work = Path(a.workdir or tempfile.mkdtemp(prefix='predict_bench_'))
     work.mkdir(parents=True, exist_ok=True)
     print(f"CPU threads {torch.get_num_threads()}, native bf16: {cpu_has_bf16()}, load average {os.getloadavg()[0]:.1f}, work dir {work}")

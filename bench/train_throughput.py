@@ -99,7 +99,7 @@ def main():
     ap.add_argument('--threads', type=int, default=None)
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
-    from liver_seg.train import cpu_bf16_fast
+    from liver_seg.model import cpu_has_bf16 as cpu_bf16_fast
     from fastai.torch_core import set_seed
     print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability '
           f'{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_bf16_fast()}, load avg {os.getloadavg()}')

@@ -15,7 +15,7 @@ from .io import LiverSegError, atomic_path
 
 # %% auto #0
 __all__ = ['CODES', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state', 'write_model_files',
-           'save_model_folder', 'read_config', 'load_model_folder', 'load_learner_pkl']
+           'save_model_folder', 'cpu_has_bf16', 'read_config', 'load_model_folder', 'load_learner_pkl']
 
 # %% ../nbs/06_model.ipynb #a3b31dbb
 CODES = ['background', 'liver', 'tumor']
@@ -96,6 +96,16 @@ def save_model_folder(model:nn.Module, # the trained network
         write_model_files(model, config, tmp)
         if history is not None: history.to_csv(tmp/'history.csv', index=False)
     return folder
+
+# %% ../nbs/06_model.ipynb #8d0df28d
+def cpu_has_bf16() -> bool:
+    "True if this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)"
+    for name in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'):
+        f = getattr(torch.cpu, name, None)
+        try:
+            if f is not None and f(): return True
+        except Exception: pass
+    return False
 
 # %% ../nbs/06_model.ipynb #e08c4cda
 def read_config(folder):

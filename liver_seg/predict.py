@@ -14,20 +14,12 @@ import torch.nn.functional as F
 from .io import (LiverSegError, CTVolume, atomic_path, read_nifti, read_dicom_series, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, IMAGE_EXTS)
 from .windows import volume_channels
+from .model import cpu_has_bf16
 
 # %% auto #0
-__all__ = ['cpu_has_bf16', 'resolve_device', 'Predictor', 'get_predictor', 'predict_volume', 'predict_slices', 'predict_path']
+__all__ = ['resolve_device', 'Predictor', 'get_predictor', 'predict_volume', 'predict_slices', 'predict_path']
 
 # %% ../nbs/08_predict.ipynb #5bf48594
-def cpu_has_bf16() -> bool:
-    "True if this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)"
-    for name in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'):
-        f = getattr(torch.cpu, name, None)
-        try:
-            if f is not None and f(): return True
-        except Exception: pass
-    return False
-
 def resolve_device(device='auto') -> torch.device:
     "torch device for 'auto', 'cpu', 'cuda' (or 'cuda:N')"
     device = str(device)

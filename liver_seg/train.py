@@ -16,10 +16,10 @@ from fastai.callback.progress import CSVLogger
 from .io import LiverSegError, atomic_path
 from .data import seg_dataloaders
 from .metrics import get_loss, seg_metrics, LOSSES
-from .model import build_model, default_config, write_model_files, encoder_arch
+from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
 
 # %% auto #0
-__all__ = ['CPUBF16', 'cpu_bf16_fast', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger', 'plot_learning_curves',
+__all__ = ['CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger', 'plot_learning_curves',
            'load_train_config', 'distributed_env', 'SyncValidation', 'auto_context', 'train']
 
 # %% ../nbs/07_train.ipynb #0b5f700a
@@ -43,15 +43,6 @@ class CPUBF16(Callback):
         if self.channels_last: self.learn.model.to(memory_format=torch.contiguous_format)
 
 # %% ../nbs/07_train.ipynb #3a361e87
-def cpu_bf16_fast():
-    "True if this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)"
-    for name in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'):
-        f = getattr(torch.cpu, name, None)
-        try:
-            if f is not None and f(): return True
-        except Exception: pass
-    return False
-
 def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
                       device=None): # the training device (default: CUDA if available, else CPU)
     "(precision name, list of fastai callbacks) for training on `device`"
@@ -59,7 +50,7 @@ def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
         raise LiverSegError('--precision', f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
     cuda = (torch.device(device).type == 'cuda') if device is not None else torch.cuda.is_available()
     if precision == 'auto':
-        precision = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else ('bf16' if cpu_bf16_fast() else 'fp32')
+        precision = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else ('bf16' if cpu_has_bf16() else 'fp32')
     if precision == 'fp32': return 'fp32', []
     if cuda:
         from fastai.callback.fp16 import MixedPrecision
