@@ -127,7 +127,7 @@ def _gray_channels(g, ks, context, n_in):
     if context:
         n = g.shape[0]
         idx = np.stack([np.clip(ks - 1, 0, n - 1), ks, np.clip(ks + 1, 0, n - 1)], -1)
-        return g[idx]
+        return np.moveaxis(g[idx], 1, -1)  # N x 3 x H x W -> N x H x W x 3
     return np.repeat(g[ks][..., None], n_in, -1)
 
 def _volume_batch(pred:Predictor, arr, ks):

@@ -240,23 +240,23 @@ def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
 def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice dataset), or X.png + X_mask.png
           out, # model folder to write
           arch:str='resnet34', # 'resnet34' (U-Net), another torchvision encoder name, or 'simple_cnn'
-          size:int=160, # slices are squished to size x size
-          epochs:int=9, # training epochs
+          size:int=128, # slices are squished to size x size
+          epochs:int=12, # training epochs
           bs:int=16, # batch size
           lr:float|None=None, # peak learning rate (default 2e-3)
-          loss:str='ce+dice', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
+          loss:str='ce', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
           valid_cases=None, # validation case names (default: a seeded `valid_pct` of the cases)
           valid_pct:float=0.2, # fraction of cases for validation when `valid_cases` is None
           pretrained:bool=True, # start from ImageNet weights (needs them cached or internet)
           weights=None, # local torchvision state dict for the encoder (implies pretrained)
           precision:str='auto', # 'auto' (bf16 where fast, else fp32), 'fp32', 'bf16', 'fp16' (CUDA)
           seed:int=42, # seed for split, initialisation, augmentation and batch order
-          context:int|None=None, # 1: 2.5D input (slices k-1, k, k+1 as channels); None: 1 for gray slices, else 0
+          context:int|None=0, # 1: 2.5D input (slices k-1, k, k+1 as channels); None: 1 for gray slices, else 0
           fit:str='one_cycle', # 'one_cycle' or 'fine_tune' (the seed's)
           wd:float|None=None, # weight decay (fastai's default when None)
           flip:bool=False, # allow left-right flips in augmentation
           augment:bool=True, # rotation/zoom/lighting augmentation
-          tumor_weight:float=1., # over-sample tumour slices by 1 + this (0: off)
+          tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
           every:int=1, # use every n-th slice of each case
           num_workers:int=0, # DataLoader workers
           device=None, # 'cpu', 'cuda' (default: CUDA if available)

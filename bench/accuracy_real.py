@@ -1,0 +1,91 @@
+"""Accuracy on real CT, case-held-out: train with `liver-seg train` on some cases of ../shared/data/ct-slices, predict
+the held-out cases with `liver-seg predict`, score them with `liver-seg evaluate`.
+
+    python bench/accuracy_real.py [--holdout 6,7] [--work /tmp/liver_seg_accuracy]
+                                  [--train-args "--size 160 --epochs 10 --loss ce+dice"] [--predict-args=--tta]
+
+The held-out cases are never seen in training: a temporary slice folder of symlinks to the training cases only
+(images/ + masks/) is what `liver-seg train` gets, so its own validation split (a seeded case, or `--valid-cases`
+passed in `--train-args`) is one of the training cases. Everything (symlinks, model folder, predicted masks, CSV) is
+written under `--work`, outside the repository: the data and anything derived from it (models, predictions) must never
+be copied into the project. Always `--no-pretrained` (no downloads). Prints liver and tumour Dice per held-out case,
+their means, the training time (from the model's config.json), the wall time, and the load average before and after.
+Measured, never asserted. Results: bench/RESULTS.md.
+"""
+import argparse, json, os, shlex, shutil, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent/'shared'/'data'/'ct-slices'
+
+
+def case_of(stem): return stem.rsplit('_', 1)[0]
+
+
+def link_cases(src, dst, cases, subdirs=('images', 'masks')):
+    "Folder `dst` with `subdirs` holding symlinks to the slices of `cases` in `src`; returns the number of slices"
+    n = 0
+    for sub in subdirs:
+        (dst/sub).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src/sub).iterdir()):
+            if case_of(f.stem) in cases:
+                (dst/sub/f.name).symlink_to(f.resolve()); n += sub == subdirs[0]
+    return n
+
+
+def run(cmd, log):
+    print('$', ' '.join(shlex.quote(str(c)) for c in cmd), flush=True)
+    t0 = time.time()
+    with open(log, 'w') as fh: r = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
+    dt = time.time() - t0
+    if r.returncode:
+        print(Path(log).read_text()[-3000:]); sys.exit(f"failed ({r.returncode}): see {log}")
+    return dt
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--data', default=str(REAL), help='slice folder with images/ and masks/ (default: ../shared/data/ct-slices)')
+    p.add_argument('--holdout', default='6,7', help='comma-separated cases never seen in training (default 6,7)')
+    p.add_argument('--train-cases', default=None, help='comma-separated training cases (default: all the others)')
+    p.add_argument('--work', default='/tmp/liver_seg_accuracy', help='working folder outside the repository (replaced)')
+    p.add_argument('--train-args', default='', help='extra `liver-seg train` flags, e.g. "--size 160 --epochs 10" (--train-args=--flag for a single flag)')
+    p.add_argument('--predict-args', default='', help='extra `liver-seg predict` flags; write --predict-args=--no-postprocess (with =) for one flag')
+    p.add_argument('--model', default=None, help='skip training: evaluate this existing model folder')
+    a = p.parse_args()
+    data, work = Path(a.data), Path(a.work).resolve()
+    if not (data/'images').is_dir(): sys.exit(f"{data}: no images/ folder (the real slices are not present)")
+    if work == ROOT or ROOT in work.parents: sys.exit(f"{work}: inside the repository; use a folder outside it")
+    cases = sorted({case_of(f.stem) for f in (data/'images').iterdir()}, key=lambda c: (len(c), c))
+    hold = [c.strip() for c in a.holdout.split(',') if c.strip()]
+    train_cases = [c.strip() for c in a.train_cases.split(',')] if a.train_cases else [c for c in cases if c not in hold]
+    if set(hold) & set(train_cases): sys.exit("a held-out case is also a training case")
+    if work.exists(): shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t_start = time.time(); load0 = os.getloadavg()
+    n_train = link_cases(data, work/'train', set(train_cases))
+    n_hold = link_cases(data, work/'holdout', set(hold))
+    print(f"train cases {','.join(train_cases)} ({n_train} slices); held out {','.join(hold)} ({n_hold} slices); work {work}")
+    model = Path(a.model) if a.model else work/'model'
+    t_train_wall = 0.
+    if not a.model:
+        t_train_wall = run(['liver-seg', 'train', work/'train', '--out', model, '--no-pretrained', *shlex.split(a.train_args)],
+                           work/'train.log')
+    cfg = json.loads((model/'config.json').read_text())
+    t_pred = run(['liver-seg', 'predict', model, work/'holdout'/'images', work/'pred', *shlex.split(a.predict_args)], work/'predict.log')
+    run(['liver-seg', 'evaluate', work/'pred', work/'holdout'/'masks', '--csv', work/'eval.csv'], work/'evaluate.log')
+    import pandas as pd
+    df = pd.read_csv(work/'eval.csv')
+    df['case'] = df['case'].astype(str)
+    rec = cfg.get('recipe', {})
+    print(f"\nrecipe: size {cfg['size']}, epochs {rec.get('epochs')}, loss {rec.get('loss')}, context {rec.get('context')}, "
+          f"tumor_weight {rec.get('tumor_weight')}, every {rec.get('every')}, lr {rec.get('lr')}, bs {rec.get('bs')}, "
+          f"precision {rec.get('precision')}, best epoch {rec.get('best_epoch')}; split {cfg.get('split')}")
+    print(df[['case', 'liver_dice', 'tumor_dice']].to_string(index=False, float_format='{:.4f}'.format))
+    print(f"mean liver Dice {df.liver_dice.mean():.4f}, mean tumour Dice {df.tumor_dice.mean():.4f}")
+    print(f"train time {rec.get('train_seconds', float('nan'))/60:.1f} min (fit; train command wall {t_train_wall/60:.1f} min), "
+          f"predict {t_pred:.0f} s, wall {(time.time() - t_start)/60:.1f} min")
+    print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
+
+
+if __name__ == '__main__': main()
