@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv, io, json, os, re, shutil
 from pathlib import Path
 import numpy as np
-from .io import LiverSegError, read_chaos_case
+from .io import LiverSegError, read_chaos_case, open_nifti
 from .windows import get_windows, display_channels, display_stack
 
 # %% auto #0
@@ -61,15 +61,8 @@ def find_cases(src # a LiTS-style folder, a folder of CHAOS-style case folders, 
 
 # %% ../nbs/03_export.ipynb #0b62924d
 def _open_nifti(path:Path):
-    "A NIfTI image kept open for block reads, and its 3D shape"
-    import nibabel as nib
-    if not path.is_file(): raise LiverSegError(path, "no such file")
-    try: img = nib.load(str(path), mmap=False, keep_file_open=True)  # no mmap: RSS holds blocks, not the file
-    except Exception as e: raise LiverSegError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from None
-    shape = tuple(img.shape)
-    if len(shape) == 4 and shape[3] == 1: shape = shape[:3]
-    if len(shape) != 3: raise LiverSegError(path, f"expected a 3D volume, found shape {tuple(img.shape)}")
-    return img, shape
+    "A NIfTI image kept open for block reads (no mmap: RSS holds blocks, not the file), and its 3D shape"
+    return open_nifti(path, mmap=False, keep_file_open=True)
 
 def _read_range(img, path:Path, k0:int, k1:int) -> np.ndarray:
     "Slices k0:k1 (X x Y x n): integers as stored when unscaled, else float32"

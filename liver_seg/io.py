@@ -15,9 +15,9 @@ import numpy as np
 import nibabel as nib
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'LiverSegError', 'atomic_path', 'CTVolume', 'read_nifti', 'read_labels', 'write_labels', 'to_display',
-           'from_display', 'find_dicom_files', 'read_dicom_series', 'parse_slice_name', 'decode_mask', 'read_image',
-           'read_mask', 'find_slice_pairs', 'read_slice_volume', 'read_chaos_case']
+__all__ = ['IMAGE_EXTS', 'LiverSegError', 'atomic_path', 'CTVolume', 'open_nifti', 'read_nifti', 'read_labels', 'write_labels',
+           'to_display', 'from_display', 'find_dicom_files', 'read_dicom_series', 'parse_slice_name', 'decode_mask',
+           'read_image', 'read_mask', 'find_slice_pairs', 'read_slice_volume', 'read_chaos_case']
 
 # %% ../nbs/00_io.ipynb #4d5845de
 class LiverSegError(Exception):
@@ -102,11 +102,12 @@ def _int16_or_float32(raw:np.ndarray) -> np.ndarray:
     if raw.size == 0 or (raw.min() >= -32768 and raw.max() <= 32767): return raw.astype(np.int16)
     return raw.astype(np.float32)
 
-def _load_nifti(path):
+def open_nifti(path, # a .nii or .nii.gz file
+               **load_kw): # passed to `nib.load` (e.g. `mmap=False, keep_file_open=True` for block reads)
     "Open a NIfTI file without reading voxels: (image, 3D shape); refuse what is not a 3D volume."
     path = Path(path)
     if not path.is_file(): raise LiverSegError(path, "no such file")
-    try: img = nib.load(str(path))
+    try: img = nib.load(str(path), **load_kw)
     except Exception as e: raise LiverSegError(path, f"not a readable NIfTI file, or truncated ({type(e).__name__}: {e})") from None
     shape = tuple(img.shape)
     if len(shape) == 4 and shape[3] == 1: shape = shape[:3]
@@ -116,7 +117,7 @@ def _load_nifti(path):
 def read_nifti(path) -> CTVolume: # int16 or float32 voxels with the file's affine and header
     "Read a 3D NIfTI volume without a float64 copy."
     path = Path(path)
-    img, shape = _load_nifti(path)
+    img, shape = open_nifti(path)
     prox = img.dataobj
     slope, inter = float(prox.slope), float(prox.inter)
     try: raw = np.asarray(prox.get_unscaled()).reshape(shape)
