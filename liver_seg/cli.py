@@ -52,6 +52,7 @@ def train(data:str,                # slice folder (from `prepare`, or images/ + 
           seed:int=None,           # random seed (default: 42)
           context:int=None,        # 1: neighbouring slices as the three channels (2.5D, 8-bit slice data)
           config:str=None,         # YAML or JSON file with any of these options
+          resume:bool=False,       # continue the interrupted run of OUT (same options) from its last finished epoch
           force:bool=False):       # replace an existing model folder
     "Train a U-Net on a slice folder and write a model folder"
     _exists(data, *([config] if config else []))
@@ -59,7 +60,8 @@ def train(data:str,                # slice folder (from `prepare`, or images/ + 
     if out is None: raise LiverSegError(data, "no model folder given; use --out MODEL_DIR")
     kw = load_train_config(config) if config else {}
     given = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, valid_cases=_csv(valid_cases),
-                 pretrained=pretrained, weights=weights, precision=precision, seed=seed, context=context, force=force)
+                 pretrained=pretrained, weights=weights, precision=precision, seed=seed, context=context,
+                 resume=resume, force=force)
     kw.update({k:v for k,v in given.items() if v is not None})
     if config and pretrained: kw['pretrained'] = load_train_config(config).get('pretrained', True) # only --no-pretrained overrides the file
     folder = _train(data, out=out, **kw)
@@ -68,14 +70,16 @@ def train(data:str,                # slice folder (from `prepare`, or images/ + 
 
 # %% ../nbs/13_cli.ipynb #0c2681f7
 def predict(model_dir:str,          # model folder written by `liver-seg train`
-            input:str,              # NIfTI file, DICOM folder, or slice folder
-            output:str,             # .nii.gz for volumes, a folder of mask PNGs for slices
+            input:str,              # NIfTI file, DICOM folder, slice folder, or a folder of volumes
+            output:str,             # .nii.gz for a volume; a folder for slices (mask PNGs) or for a folder of volumes
             device:str='auto',      # auto, cpu or cuda
             batch_size:int=16,      # slices per forward pass
             tta:bool=False,         # average with the left-right flipped slice
             postprocess:bool=True,  # volumes: keep the largest liver component, tumour inside it, fill holes
             encoding:str='012',     # mask PNG values: 012 (0/1/2) or 127 (0/127/255)
             allow_pickle:bool=False, # load learner.pkl instead of the weights (runs code from the file)
+            part:str='1/1',         # folder of volumes: predict only share i of n (i/n), e.g. one job of a job array
+            workers:int=1,          # folder of volumes: processes sharing the volumes on this machine
             force:bool=False):      # replace an existing output
     "Segment a CT volume or a slice folder with a trained model"
     _exists(model_dir, input)
@@ -83,7 +87,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
     if encoding not in ('012', '127'): raise LiverSegError(encoding, "unknown --encoding; use 012 or 127")
     res = predict_path(model_dir, input, output, device=device, batch_size=batch_size, tta=tta,
                        postprocess=None if postprocess else False, # None: on for volumes, off for slice folders
-                       encoding=encoding, allow_pickle=allow_pickle, force=force)
+                       encoding=encoding, allow_pickle=allow_pickle, part=part, workers=workers, force=force)
     print(f"prediction: {res}")
     return res
 

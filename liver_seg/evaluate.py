@@ -108,11 +108,13 @@ def case_key(stem:str) -> str:
 
 # %% ../nbs/10_evaluate.ipynb #bef5cdbd
 def _nifti_files(folder:Path) -> dict:
-    "{case: path} of the NIfTI files in `folder`, refusing two files of one case"
+    "{case: path} of the label NIfTI files in `folder` (a LiTS folder's `segmentation-*`, not its `volume-*`), refusing two files of one case"
     res = {}
-    for p in sorted(folder.iterdir()):
+    files = [p for p in sorted(folder.iterdir()) if _nifti_stem(p) is not None and not p.name.startswith('.') and p.is_file()]
+    if any(p.name.lower().startswith('segmentation') for p in files):
+        files = [p for p in files if not p.name.lower().startswith('volume')] # the CT beside its labels
+    for p in files:
         stem = _nifti_stem(p)
-        if stem is None or p.name.startswith('.') or not p.is_file(): continue
         k = case_key(stem)
         if k in res: raise LiverSegError(p, f"same case number {k} as {res[k].name}")
         res[k] = p

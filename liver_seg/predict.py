@@ -17,7 +17,8 @@ from .windows import volume_channels
 from .model import cpu_has_bf16
 
 # %% auto #0
-__all__ = ['resolve_device', 'Predictor', 'get_predictor', 'predict_volume', 'predict_slices', 'predict_path']
+__all__ = ['resolve_device', 'Predictor', 'get_predictor', 'predict_volume', 'predict_slices', 'predict_path', 'volume_files',
+           'prediction_name', 'parse_part', 'predict_volumes']
 
 # %% ../nbs/08_predict.ipynb #5bf48594
 def resolve_device(device='auto') -> torch.device:
@@ -170,15 +171,23 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
     return out
 
 # %% ../nbs/08_predict.ipynb #da9d11d6
+def _is_nifti_name(name:str) -> bool: return name.lower().endswith(('.nii', '.nii.gz'))
+
+def _dicom_subfolders(path:Path) -> list:
+    "Sub-folders of `path` that hold DICOM files, when `path` itself holds none directly"
+    if any(p.is_file() and not p.name.startswith('.') and find_dicom_files(p) for p in path.iterdir()): return []
+    return [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith('.') and find_dicom_files(d)]
+
 def _input_kind(path:Path) -> str:
-    "'nifti', 'dicom' or 'slices'"
+    "'nifti', 'dicom', 'slices' or 'volumes' (a folder of NIfTI files or of DICOM series folders)"
     if not path.exists(): raise LiverSegError(path, "no such file or folder")
-    name = path.name.lower()
     if path.is_file():
-        if name.endswith('.nii') or name.endswith('.nii.gz'): return 'nifti'
+        if _is_nifti_name(path.name): return 'nifti'
         if find_dicom_files(path): return 'dicom'
         raise LiverSegError(path, "not a NIfTI file (.nii, .nii.gz), a DICOM folder or a slice folder")
-    if (path/'images').is_dir() or any(p.suffix.lower() in IMAGE_EXTS for p in path.iterdir() if p.is_file()): return 'slices'
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith('.')]
+    if (path/'images').is_dir() or any(p.suffix.lower() in IMAGE_EXTS for p in files): return 'slices'
+    if any(_is_nifti_name(p.name) for p in files) or len(_dicom_subfolders(path)) > 1: return 'volumes'
     if find_dicom_files(path): return 'dicom'
     raise LiverSegError(path, "folder holds no NIfTI volume, DICOM series or slice images")
 
@@ -240,8 +249,8 @@ def _read_volume(path:Path, kind:str) -> CTVolume:
     return read_nifti(path) if kind == 'nifti' else read_dicom_series(path)
 
 def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
-                 input, # NIfTI file, DICOM folder, or slice folder
-                 output, # `.nii.gz` for volumes, a folder for slice folders
+                 input, # NIfTI file, DICOM folder, slice folder, or a folder of volumes
+                 output, # `.nii.gz` for a volume, a folder for slice folders and folders of volumes
                  batch_size:int=16, # slices per forward pass
                  device='auto', # 'auto', 'cpu' or 'cuda'
                  tta:bool=False, # flip test-time augmentation
@@ -249,23 +258,126 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  encoding:str='012', # mask PNG values for slice folders: '012' or '127'
                  force:bool=False, # replace an existing output
                  progress:bool=True, # show a progress bar
-                 allow_pickle:bool=False # a model folder without weights may fall back to learner.pkl (runs code from it)
+                 allow_pickle:bool=False, # a model folder without weights may fall back to learner.pkl (runs code from it)
+                 part:str='1/1', # folder of volumes: predict only share i of n ('i/n'), for job arrays
+                 workers:int=1 # folder of volumes: processes sharing the volumes
                 ) -> Path: # the output written
     "Segment INPUT with a model and write OUTPUT in the input's geometry (volumes) or under its names (slices)"
     input, output = Path(input), Path(output)
     kind = _input_kind(input)
-    if output.exists() and not force: raise LiverSegError(output, "exists; use --force to overwrite")
+    if kind != 'volumes' and (part not in (None, '1/1') or workers != 1):
+        raise LiverSegError(input, "--part and --workers share a folder of volumes; this is a single volume or slice folder")
+    if output.exists() and not force and kind != 'volumes': raise LiverSegError(output, "exists; use --force to overwrite")
     oname = output.name.lower()
     is_nii = oname.endswith('.nii') or oname.endswith('.nii.gz')
+    if kind == 'volumes':
+        if is_nii: raise LiverSegError(output, "a folder of volumes gives a folder of .nii.gz files, not one NIfTI file")
+        return predict_volumes(model, input, output, part=part, workers=workers, batch_size=batch_size, device=device, tta=tta,
+                               postprocess=postprocess is None or postprocess, force=force, progress=progress, allow_pickle=allow_pickle)
     pred = get_predictor(model, device, allow_pickle)
     if kind == 'slices':
         if is_nii: raise LiverSegError(output, "a slice folder gives a folder of mask PNGs, not a NIfTI file")
         return predict_slices(pred, input, output, batch_size, device, tta, bool(postprocess), encoding, force, progress)
     if not is_nii: raise LiverSegError(output, "output of a volume must end in .nii.gz (or .nii)")
-    vol = _read_volume(input, kind)
+    return _predict_file(pred, input, kind, output, batch_size, tta, postprocess is None or postprocess, force, progress)
+
+def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int, tta:bool, postprocess:bool, force:bool, progress:bool) -> Path:
+    "Read one volume, segment it, post-process it in place, and write `dest` atomically in its geometry"
+    vol = _read_volume(src, kind)
     labels = predict_volume(pred, vol, batch_size=batch_size, tta=tta, postprocess=False, progress=progress)
     vol.array = np.broadcast_to(np.zeros((), vol.array.dtype), vol.shape)  # free the HU: only the geometry is needed now
-    if postprocess is None or postprocess:
+    if postprocess:
         from liver_seg.postprocess import postprocess as _post
         labels = _post(labels, spacing=vol.spacing, out=labels)  # in place: no second label volume
-    return write_labels(labels, vol, output, force=force)
+    return write_labels(labels, vol, dest, force=force)
+
+# %% ../nbs/08_predict.ipynb #e9f71281
+def volume_files(folder) -> list: # NIfTI files and DICOM series folders, sorted by case number
+    "The volumes a folder holds: its NIfTI files (only `volume-*` where there are some) or its DICOM series sub-folders"
+    folder = Path(folder)
+    nii = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.') and _is_nifti_name(p.name)]
+    vols = [p for p in nii if p.name.lower().startswith('volume')]
+    found = (vols or nii) + _dicom_subfolders(folder)
+    return sorted(found, key=lambda p: (_case_number(p.name), p.name))
+
+def _case_number(name:str) -> int:
+    import re
+    nums = re.findall(r'\d+', name.split('.')[0])
+    return int(nums[-1]) if nums else -1
+
+def prediction_name(src) -> str: # a volume's file or folder
+    "File name of the prediction for volume `src`: `volume-3.nii` -> `segmentation-3.nii.gz`, else `<name>.nii.gz`"
+    name = Path(src).name
+    stem = name[:-7] if name.lower().endswith('.nii.gz') else name[:-4] if name.lower().endswith('.nii') else name
+    if stem.lower().startswith('volume'): stem = 'segmentation' + stem[6:]
+    return stem + '.nii.gz'
+
+def parse_part(part:str) -> tuple: # 'i/n', 1 <= i <= n
+    "(i, n) of a `--part i/n` string"
+    try: i, n = (int(x) for x in str(part).split('/'))
+    except ValueError: raise LiverSegError('--part', f"{part!r} is not i/n (e.g. 2/4)") from None
+    if not 1 <= i <= n: raise LiverSegError('--part', f"{part!r}: i must be between 1 and n")
+    return i, n
+
+# %% ../nbs/08_predict.ipynb #099da0c1
+_WORKER = {}
+
+def _worker_init(model, device, allow_pickle, threads):
+    torch.set_num_threads(threads)
+    _WORKER['pred'] = get_predictor(model, device, allow_pickle)
+
+def _worker_predict(src, kind, dest, batch_size, tta, postprocess, force):
+    return _predict_file(_WORKER['pred'], Path(src), kind, Path(dest), batch_size, tta, postprocess, force, False)
+
+def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, config)` pair, or `Predictor`
+                    folder, # folder of NIfTI volumes or of DICOM series folders
+                    out_dir, # folder for the predictions (created)
+                    part:str='1/1', # 'i/n': only every n-th volume from the i-th
+                    workers:int=1, # processes on this machine
+                    batch_size:int=16, device='auto', tta:bool=False,
+                    postprocess:bool=True, # post-process each volume
+                    force:bool=False, # replace existing predictions
+                    progress:bool=True, # a line per volume (and a bar per volume with one worker)
+                    allow_pickle:bool=False
+                   ) -> Path: # `out_dir`
+    "Segment every volume of `folder` (or share `part` of them) into `out_dir`, one `.nii.gz` per volume"
+    import os, time
+    folder, out_dir = Path(folder), Path(out_dir)
+    i, n = parse_part(part)
+    srcs = volume_files(folder)
+    if not srcs: raise LiverSegError(folder, "holds no NIfTI volumes or DICOM series folders")
+    names = [prediction_name(p) for p in srcs]
+    dup = next((p for p, nm in zip(srcs, names) if names.count(nm) > 1), None)
+    if dup is not None: raise LiverSegError(dup, f"another volume in the folder would also be predicted to {prediction_name(dup)}")
+    mine = list(zip(srcs, names))[i - 1::n]
+    if out_dir.exists() and not out_dir.is_dir(): raise LiverSegError(out_dir, "exists and is not a folder")
+    if not force:
+        taken = next((out_dir/nm for _, nm in mine if (out_dir/nm).exists()), None)
+        if taken is not None: raise LiverSegError(taken, "exists; use --force to overwrite")
+    if not out_dir.parent.is_dir(): raise LiverSegError(out_dir.parent, "output folder does not exist")
+    try: out_dir.mkdir(exist_ok=True)
+    except OSError as e: raise LiverSegError(out_dir, f"cannot create the output folder: {e.strerror or e}") from None
+    jobs = [(s, 'dicom' if s.is_dir() else 'nifti', out_dir/nm) for s, nm in mine]
+    say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
+    workers = max(1, min(int(workers), len(jobs)))
+    if workers == 1:
+        pred = get_predictor(model, device, allow_pickle)
+        for k, (s, kind, d) in enumerate(jobs):
+            t0 = time.time()
+            _predict_file(pred, s, kind, d, batch_size, tta, postprocess, force, progress)
+            say(f"[{k + 1}/{len(jobs)}] {s.name} -> {d} ({time.time() - t0:.1f} s)")
+        return out_dir
+    if not isinstance(model, (str, Path)): raise LiverSegError('--workers', "several workers need a model folder path")
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn'), initializer=_worker_init,
+                             initargs=(str(model), str(device), allow_pickle, threads)) as ex:
+        futs = {ex.submit(_worker_predict, str(s), kind, str(d), batch_size, tta, postprocess, force): s for s, kind, d in jobs}
+        try:
+            for k, f in enumerate(as_completed(futs)):
+                say(f"[{k + 1}/{len(jobs)}] {futs[f].name} -> {f.result()}")
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True) # running volumes finish (each output is whole or absent)
+            raise
+    return out_dir

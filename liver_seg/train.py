@@ -6,21 +6,23 @@ Docs: https://liver-seg.github.io/liver_seg/train.html.md"""
 
 # %% ../nbs/07_train.ipynb #ea574ea8
 from __future__ import annotations
-import json, os, time, warnings
+import json, os, shutil, time, warnings
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
-from .io import LiverSegError, atomic_path
+from fastai.callback.tracker import TrackerCallback
+from .io import LiverSegError, atomic_path, _WRITE_ERRNOS
 from .data import seg_dataloaders
 from .metrics import get_loss, seg_metrics, LOSSES
 from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
 
 # %% auto #0
 __all__ = ['CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger', 'plot_learning_curves',
-           'load_train_config', 'distributed_env', 'SyncValidation', 'auto_context', 'train']
+           'load_train_config', 'distributed_env', 'SyncValidation', 'auto_context', 'run_folder', 'EpochCheckpoint',
+           'resume_state', 'train']
 
 # %% ../nbs/07_train.ipynb #0b5f700a
 class CPUBF16(Callback):
@@ -103,7 +105,9 @@ class HistoryLogger(CSVLogger):
         self.old_logger, self.learn.logger = self.logger, self._write_line
     def _write_line(self, log):
         log = list(log)
-        if log and isinstance(log[0], int): log[0] = self.n_epochs; self.n_epochs += 1
+        if log and isinstance(log[0], int):
+            if log[0] < getattr(self, 'skip_before', 0): return # an epoch skipped on resume: logged already
+            log[0] = self.n_epochs; self.n_epochs += 1
         super()._write_line(log)
     def after_batch(self):
         if self.training: self.batch_losses.append((self.n_epochs + self.iter/max(1, self.n_iter), float(self.smooth_loss)))
@@ -148,7 +152,7 @@ def load_train_config(path): # a .yaml/.yml or .json file of train options
     except Exception as e: raise LiverSegError(path, f"cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if d is None: d = {}
     if not isinstance(d, dict): raise LiverSegError(path, "must hold a mapping of option: value")
-    known = [p for p in inspect.signature(train).parameters if p not in ('data', 'out')]
+    known = [p for p in inspect.signature(train).parameters if p not in ('data', 'out', 'cbs')]
     out = {}
     for k, v in d.items():
         k2 = str(k).replace('-', '_')
@@ -225,6 +229,90 @@ def auto_context(data): # a slice folder
     return int(read_image(df['image'].iloc[0]).ndim == 2)
 
 # %% ../nbs/07_train.ipynb #0070406f
+def run_folder(out): # the model folder `train` writes
+    "The hidden folder beside `out` where `train` keeps an unfinished run (history and checkpoints)"
+    out = Path(out)
+    return out.parent/f".{out.name}.partial"
+
+def _plain(o):
+    "`o` with fastcore's `L` (and tuples) as lists and numpy scalars as numbers, so `torch.load(weights_only=True)` takes it back without unpickling code"
+    if isinstance(o, dict): return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)) or type(o).__name__ == 'L': return [_plain(v) for v in o]
+    return o.item() if isinstance(o, np.generic) else o # the schedulers leave numpy floats in the hyper-parameters
+
+def _save_atomic(obj, fname:Path):
+    "`torch.save` under a temporary name, then rename: a kill leaves the old file or the new one, never half of one"
+    tmp = fname.with_name(f".{fname.name}.tmp-{os.getpid()}")
+    try: torch.save(obj, tmp)
+    except RuntimeError as e: # torch's file writer reports a full disk this way
+        tmp.unlink(missing_ok=True)
+        raise LiverSegError(fname, f"cannot write the checkpoint (disk full?): {str(e).splitlines()[0][-120:]}") from None
+    os.replace(tmp, fname)
+
+# %% ../nbs/07_train.ipynb #96d86726
+class EpochCheckpoint(TrackerCallback):
+    "After each epoch write `best.pth` on a new best `monitor` and `last.pth` (all a resume needs), atomically; load the best at the end"
+    order = 70 # after the Recorder (50) logged the epoch, so history.csv holds every epoch `last.pth` counts
+    def __init__(self, monitor='dice_mean', # metric to maximise
+                 history=None, # the run's `HistoryLogger` (its rows and batch losses go into `last.pth`)
+                 start_epoch:int=0, # epochs before this one were done before a resume: skip them
+                 best:float|None=None, # best score of the epochs done before a resume
+                 resumable:bool=True): # write `last.pth` (one-cycle runs)
+        super().__init__(monitor=monitor, comp=np.greater, reset_on_fit=False)
+        self.history, self.start_epoch, self.best, self.resumable = history, start_epoch, best, resumable
+        self.t_before = 0.
+    def before_fit(self):
+        super().before_fit(); self.t0 = time.time()
+    def after_epoch(self):
+        if self.epoch < self.start_epoch: return # skipped on resume (fastai still calls after_epoch)
+        super().after_epoch()
+        from fastai.torch_core import rank_distrib, get_model
+        if rank_distrib(): return # only rank 0 writes
+        state = {k: v.detach().cpu() for k, v in get_model(self.learn.model).state_dict().items()}
+        if self.new_best: _save_atomic(state, self.learn.path/'best.pth')
+        if not self.resumable: return
+        if self.history is not None and self.history.file is not None: self.history.file.flush(); os.fsync(self.history.file.fileno())
+        _save_atomic(dict(model=state, opt=_plain(self.learn.opt.state_dict()), epochs_done=self.epoch + 1, best=float(self.best),
+                          seconds=self.t_before + time.time() - self.t0, torch_rng=torch.get_rng_state(),
+                          batch_losses=[list(b) for b in (self.history.batch_losses if self.history else [])]),
+                     self.learn.path/'last.pth')
+    def after_fit(self):
+        super().after_fit()
+        from fastai.torch_core import distrib_barrier, get_model
+        distrib_barrier() # rank 0 has written the last best.pth
+        f = self.learn.path/'best.pth'
+        if f.exists(): get_model(self.learn.model).load_state_dict(torch.load(f, map_location='cpu', weights_only=True))
+
+# %% ../nbs/07_train.ipynb #ba9ddf4e
+def _new_run_folder(run:Path, recipe:dict):
+    "An empty run folder holding `recipe.json` (a stale interrupted run there is discarded)"
+    if run.exists(): shutil.rmtree(run)
+    run.mkdir()
+    (run/'recipe.json').write_text(json.dumps(recipe, indent=2))
+
+def _keep_history_rows(fname:Path, n:int):
+    "Keep the header and the first `n` epoch rows of history.csv"
+    if not fname.exists(): return
+    rows = fname.read_text().splitlines(keepends=True)
+    fname.write_text(''.join(rows[:n + 1]))
+
+def resume_state(out, # the model folder of the interrupted run
+                 recipe:dict): # the recipe of the run about to start
+    "The checkpoint dict of `out`'s interrupted run, after checking it was started with `recipe`"
+    run = run_folder(out)
+    if not (run/'last.pth').exists():
+        raise LiverSegError(out, f"nothing to resume: no finished epoch of an interrupted run in {run}")
+    try: old = json.loads((run/'recipe.json').read_text())
+    except (OSError, ValueError): raise LiverSegError(run/'recipe.json', "missing or unreadable; start over without --resume") from None
+    new = json.loads(json.dumps(recipe))
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        k = diff[0]
+        raise LiverSegError(run, f"was started with {k}={old.get(k)!r}, not {new.get(k)!r}; resume with the same options or start over without --resume")
+    try: return torch.load(run/'last.pth', map_location='cpu', weights_only=True)
+    except Exception as e: raise LiverSegError(run/'last.pth', f"unreadable checkpoint ({type(e).__name__}); start over without --resume") from None
+
+# %% ../nbs/07_train.ipynb #8f204557
 def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
     from fastai.learner import Learner
     from fastai.vision.learner import model_meta, _default_meta
@@ -257,19 +345,22 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           flip:bool=False, # allow left-right flips in augmentation
           augment:bool=True, # rotation/zoom/lighting augmentation
           tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
+          last_cross:bool=True, # fastai's full-resolution ResBlock at the U-Net's end (False: half the CPU step time)
           every:int=1, # use every n-th slice of each case
           num_workers:int=0, # DataLoader workers
           device=None, # 'cpu', 'cuda' (default: CUDA if available)
           force:bool=False, # replace an existing model folder
+          resume:bool=False, # continue the interrupted run of `out` (same options) from its last finished epoch
+          cbs:list|None=None, # extra fastai callbacks for this run
           progress:bool=True): # show fastai's progress bars and epoch table (False: quiet, history.csv only)
     "Train a liver/tumour segmentation model on slice folder `data` and write the model folder `out`; return its path"
     from fastai.torch_core import set_seed
-    from fastai.callback.tracker import SaveModelCallback
     from liver_seg import __version__
     out = Path(out)
     if loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     if fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {fit!r}: use one_cycle or fine_tune")
     if out.exists() and not force: raise LiverSegError(out, "exists; use --force to overwrite")
+    if resume and fit != 'one_cycle': raise LiverSegError('--resume', "continues one-cycle runs only (fit='one_cycle')")
     rank, local_rank, world = distributed_env() or (0, 0, 1)
     if rank == 0: # only rank 0 writes
         try: out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
@@ -297,44 +388,67 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
                               num_workers=num_workers, device=device)
         recipe = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, fit=fit, wd=wd, seed=seed,
                       pretrained=enc is not None, weights=None if weights is None else Path(weights).name,
-                      precision=prec, context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, every=every,
-                      data=str(Path(data).resolve()), monitor='dice_mean', n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
+                      precision=prec, context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, last_cross=last_cross,
+                      every=every, data=str(Path(data).resolve()), monitor='dice_mean', n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
         if world > 1: recipe['processes'] = world # bs is per process
         cfg = default_config(arch=arch, size=size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
                              precision=prec, recipe=recipe, split=dls.split)
-        with (atomic_path(out, force=force) if rank == 0 else nullcontext()) as tmp:
-            if rank == 0: tmp = Path(tmp).absolute(); tmp.mkdir() # absolute: fastai joins learn.path with these names
-            if world > 1: # every rank reads rank 0's best checkpoint from its temporary folder at the end of the fit
-                shared = [str(tmp) if rank == 0 else None]
-                torch.distributed.broadcast_object_list(shared, src=0)
-                tmp = Path(shared[0])
+        if not last_cross and arch != 'simple_cnn': cfg['arch_kwargs'] = dict(last_cross=False)
+        run = run_folder(out).absolute() # absolute: fastai joins learn.path with these names
+        ckpt = resume_state(out, recipe) if resume else None
+        if rank == 0 and ckpt is None: _new_run_folder(run, recipe)
+        if world > 1: torch.distributed.barrier() # the run folder is ready for every rank
+        try:
             set_seed(seed, reproducible=True)
             model = build_model(cfg, enc)
-            hist = HistoryLogger(tmp/'history.csv') if rank == 0 else None
-            best = SaveModelCallback(monitor='dice_mean', comp=np.greater, fname='best', with_opt=False)
-            cbs = ([hist] if rank == 0 else []) + [best, *prec_cbs] + ([SyncValidation()] if world > 1 else [])
+            hist = HistoryLogger(run/'history.csv') if rank == 0 else None
+            start = 0 if ckpt is None else ckpt['epochs_done']
+            if ckpt is not None:
+                model.load_state_dict(ckpt['model'])
+                torch.set_rng_state(ckpt['torch_rng'])
+                if hist is not None:
+                    _keep_history_rows(run/'history.csv', start) # rows after the checkpoint were never confirmed
+                    hist.n_epochs = hist.skip_before = start
+                    hist.batch_losses = [tuple(b) for b in ckpt['batch_losses']]
+            check = EpochCheckpoint('dice_mean', hist, start, None if ckpt is None else ckpt['best'], resumable=fit == 'one_cycle')
+            if ckpt is not None: check.t_before = ckpt['seconds']
+            cbs = ([hist] if rank == 0 else []) + [check, *prec_cbs] + ([SyncValidation()] if world > 1 else []) + list(cbs or [])
             learn = _learner(dls, model, cfg, loss, lr, cbs, enc is not None)
-            learn.path, learn.model_dir = tmp, '.'
-            t0 = time.time()
+            learn.path, learn.model_dir = run, '.'
+            if ckpt is not None:
+                if learn.opt is None: learn.create_opt()
+                from fastcore.foundation import L
+                learn.opt.load_state_dict(dict(state=ckpt['opt']['state'], hypers=L(ckpt['opt']['hypers'])))
+            if ckpt is not None and progress and rank == 0: print(f"resuming at epoch {start + 1} of {epochs} ({run})", flush=True)
+            if start >= epochs: raise LiverSegError(run, f"all {epochs} epochs are done already; the run was interrupted while writing the model folder: start over without --resume")
             with warnings.catch_warnings():
                 warnings.filterwarnings('ignore', message='.*Your generator is empty.*')
                 with (learn.no_bar() if not progress else nullcontext()), (learn.no_logging() if not progress else nullcontext()), \
                      (learn.distrib_ctx(sync_bn=device.type == 'cuda', cpu=device.type == 'cpu') if world > 1 else nullcontext()):
-                    if fit == 'one_cycle': learn.fit_one_cycle(epochs, lr, wd=wd)
+                    if fit == 'one_cycle': learn.fit_one_cycle(epochs, lr, wd=wd, start_epoch=start)
                     else: learn.fine_tune(epochs, base_lr=lr, wd=wd)
-            if world > 1: torch.distributed.barrier() # all ranks have loaded best.pth before rank 0 removes it
+            if world > 1: torch.distributed.barrier() # all ranks have loaded best.pth
             if rank == 0:
                 import pandas as pd
-                history = pd.read_csv(tmp/'history.csv')
-                cfg['recipe']['train_seconds'] = round(time.time() - t0, 1)
+                history = pd.read_csv(run/'history.csv')
+                cfg['recipe']['train_seconds'] = round(check.t_before + time.time() - check.t0, 1)
                 cfg['recipe']['best_epoch'] = int(history['dice_mean'].to_numpy().argmax()) if len(history) else None
+                if ckpt is not None: cfg['recipe']['resumed_at_epoch'] = start
                 if world > 1: learn.model = _without_sync_bn(learn.model, cfg)
                 learn.model.to(memory_format=torch.contiguous_format).eval()
-                write_model_files(learn.model, cfg, tmp)
-                (tmp/'best.pth').unlink(missing_ok=True)
-                plot_learning_curves(history, tmp/'learning_curves.png', hist.batch_losses)
+                write_model_files(learn.model, cfg, run)
+                plot_learning_curves(history, run/'learning_curves.png', hist.batch_losses)
                 learn.remove_cbs(cbs)
-                learn.export(tmp/'learner.pkl')
+                learn.export(run/'learner.pkl')
+                with atomic_path(out, force=force) as tmp:
+                    os.replace(run, tmp)
+                    for f in ('best.pth', 'last.pth', 'recipe.json'): (tmp/f).unlink(missing_ok=True)
+        except LiverSegError as e: raise LiverSegError(e.path, e.problem) from None # fastai's callback wrapper adds lines
+        except OSError as e:
+            if e.errno not in _WRITE_ERRNOS: raise
+            raise LiverSegError(run, f"cannot write: {e.strerror or e}") from None
+        finally:
+            if rank == 0 and run.exists() and not (run/'last.pth').exists(): shutil.rmtree(run, ignore_errors=True) # nothing to resume
         if world > 1: torch.distributed.barrier() # the other ranks return once the model folder is in place
     finally:
         if own_group: torch.distributed.destroy_process_group()

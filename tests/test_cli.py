@@ -94,6 +94,27 @@ def test_predict_slice_folder_writes_one_mask_per_image(flow):
     r = run('evaluate', flow/'slice_pred', flow/'slices'/'masks')
     assert 'volume-0' in r.stdout
 
+def test_folder_of_volumes_two_workers_equal_one_and_parts(flow):
+    "--workers 2 and --part 1/2 + 2/2 write the same files, bytes equal to one process's; each volume once"
+    one, two, parts = flow/'many_1', flow/'many_2', flow/'many_parts'
+    run('predict', flow/'model', flow/'lits', one)
+    r = run('predict', flow/'model', flow/'lits', two, '--workers', 2)
+    names = ['segmentation-0.nii.gz', 'segmentation-1.nii.gz', 'segmentation-2.nii.gz']
+    assert sorted(p.name for p in one.iterdir()) == names == sorted(p.name for p in two.iterdir())
+    assert r.stdout.count(' -> ') == 3
+    run('predict', flow/'model', flow/'lits', parts, '--part', '1/2')
+    assert sorted(p.name for p in parts.iterdir()) == names[0::2]
+    run('predict', flow/'model', flow/'lits', parts, '--part', '2/2')
+    for n in names:
+        a, b, c = (read_labels(d/n) for d in (one, two, parts))
+        assert np.array_equal(a.array, b.array) and np.array_equal(a.array, c.array)
+        assert np.allclose(a.affine, read_nifti(flow/'lits'/n.replace('segmentation', 'volume')).affine)
+    before = (parts/names[1]).read_bytes()
+    r = run('predict', flow/'model', flow/'lits', parts, '--part', '2/2', ok=False)
+    assert r.returncode == 2 and 'exists' in r.stderr and (parts/names[1]).read_bytes() == before
+    r = run('evaluate', one, flow/'lits')
+    assert r.returncode == 0
+
 def test_existing_output_is_kept_without_force(flow):
     out = flow/'pred_keep.nii.gz'
     out.write_bytes(b'keep me')

@@ -126,3 +126,46 @@ def test_real_slices_train_a_few_batches(tmp_path):
     assert len(h) == 1 and np.isfinite(h.valid_loss).all()
     model, _ = load_model_folder(out)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def _history_rows(f):
+    try: return len(pd.read_csv(f))
+    except (OSError, pd.errors.EmptyDataError): return 0
+
+
+def test_kill_9_leaves_no_model_folder_and_resume_finishes(toy, tmp_path):
+    "SIGKILL mid-run: no model folder, the run folder keeps the finished epochs; --resume completes the same schedule"
+    import signal, time
+    out = tmp_path/'model'
+    args = [sys.executable, '-m', 'liver_seg', 'train', toy, '--out', out, '--arch', 'simple_cnn', '--size', '32',
+            '--epochs', '40', '--bs', '8', '--lr', '0.01', '--valid-cases', '3', '--no-pretrained']
+    args = [str(a) for a in args]
+    run = tmp_path/'.model.partial'
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 240:
+        if (run/'last.pth').exists() and _history_rows(run/'history.csv') >= 3: break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    if proc.returncode == 0: pytest.skip("the run finished before it could be killed")
+    assert not out.exists()
+    before = pd.read_csv(run/'history.csv')
+    done = torch.load(run/'last.pth', weights_only=True)['epochs_done']
+    assert 3 <= done < 40 and len(before) >= done
+    res = subprocess.run(args + ['--resume'], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    h = pd.read_csv(out/'history.csv')
+    assert list(h.epoch) == list(range(40))
+    cols = ['train_loss', 'valid_loss', 'liver_dice']
+    np.testing.assert_allclose(h[cols].iloc[:done].to_numpy(), before[cols].iloc[:done].to_numpy(), rtol=1e-6)
+    assert json.loads((out/'config.json').read_text())['recipe']['resumed_at_epoch'] == done
+    assert not run.exists() and not any(p.name.startswith('.') for p in tmp_path.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'history.csv', 'learner.pkl', 'learning_curves.png', 'weights.safetensors']
+
+
+def test_resume_refuses_other_options_and_missing_run(toy, tmp_path):
+    base = [sys.executable, '-m', 'liver_seg', 'train', str(toy), '--out', str(tmp_path/'m'), '--arch', 'simple_cnn',
+            '--size', '32', '--epochs', '2', '--no-pretrained', '--resume']
+    res = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and 'nothing to resume' in res.stderr and 'Traceback' not in res.stderr
+    assert not (tmp_path/'m').exists()
