@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .io import (LiverSegError, CTVolume, atomic_path, read_nifti, read_dicom_series, find_dicom_files,
+from .io import (LiverSegError, CTVolume, atomic_path, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, IMAGE_EXTS)
 from .windows import volume_channels
 from .model import cpu_has_bf16
@@ -354,6 +354,8 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
     if not force:
         taken = next((out_dir/nm for _, nm in mine if (out_dir/nm).exists()), None)
         if taken is not None: raise LiverSegError(taken, "exists; use --force to overwrite")
+    for s, _ in mine: # headers only (cheap): refuse a broken or non-3D file before any output exists
+        if not s.is_dir(): open_nifti(s)
     if not out_dir.parent.is_dir(): raise LiverSegError(out_dir.parent, "output folder does not exist")
     try: out_dir.mkdir(exist_ok=True)
     except OSError as e: raise LiverSegError(out_dir, f"cannot create the output folder: {e.strerror or e}") from None

@@ -396,9 +396,9 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
         if not last_cross and arch != 'simple_cnn': cfg['arch_kwargs'] = dict(last_cross=False)
         run = run_folder(out).absolute() # absolute: fastai joins learn.path with these names
         ckpt = resume_state(out, recipe) if resume else None
-        if rank == 0 and ckpt is None: _new_run_folder(run, recipe)
-        if world > 1: torch.distributed.barrier() # the run folder is ready for every rank
         try:
+            if rank == 0 and ckpt is None: _new_run_folder(run, recipe)
+            if world > 1: torch.distributed.barrier() # the run folder is ready for every rank
             set_seed(seed, reproducible=True)
             model = build_model(cfg, enc)
             hist = HistoryLogger(run/'history.csv') if rank == 0 else None
@@ -446,7 +446,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
         except LiverSegError as e: raise LiverSegError(e.path, e.problem) from None # fastai's callback wrapper adds lines
         except OSError as e:
             if e.errno not in _WRITE_ERRNOS: raise
-            raise LiverSegError(run, f"cannot write: {e.strerror or e}") from None
+            raise LiverSegError(out, f"cannot write: {e.strerror or e}") from None
         finally:
             if rank == 0 and run.exists() and not (run/'last.pth').exists(): shutil.rmtree(run, ignore_errors=True) # nothing to resume
         if world > 1: torch.distributed.barrier() # the other ranks return once the model folder is in place

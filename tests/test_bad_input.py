@@ -336,6 +336,11 @@ def _(t, d):
     data = slice_folder(t/'data'); (t/'file').write_text('x')
     return S(['train', data, '--out', t/'file'/'model', *FAST], t/'file', UNDER_FILE, t/'file'/'model')
 
+@case('train-resume-nothing-to-resume')
+def _(t, d):
+    data = slice_folder(t/'data')
+    return S(['train', data, '--out', t/'model', *FAST, '--resume'], t/'model', r'nothing to resume', t/'model')
+
 @case('train-failing-write')
 def _(t, d):
     data = slice_folder(t/'data')
@@ -407,6 +412,30 @@ def _(t, d):
 
 @case('predict-failing-write')
 def _(t, d): return P(d, 'hu_windows', d.volume, t/'pred.nii.gz', t/'pred.nii.gz', WROTE, max_file_size=FULL_DISK)
+
+
+@case('predict-volumes-malformed-part')
+def _(t, d):
+    spec = P(d, 'hu_windows', d.good, t/'preds', '--part', r'i/n')
+    spec.args += ['--part', '3']
+    return spec
+
+@case('predict-volumes-one-truncated')
+def _(t, d):
+    (t/'in').mkdir(); shutil.copy(d.volume, t/'in'/'volume-0.nii.gz')
+    d.bad_volume('truncated-nii.gz', t/'in'/'v1').rename(t/'in'/'volume-1.nii.gz')
+    return P(d, 'hu_windows', t/'in', t/'preds', 'volume-1.nii.gz', BAD_VOLUMES['truncated-nii.gz'])
+
+@case('predict-volumes-output-exists')
+def _(t, d):
+    (t/'preds').mkdir(); (t/'preds'/'segmentation-0.nii.gz').write_bytes(b'keep me')
+    return P(d, 'hu_windows', d.good, t/'preds', 'segmentation-0.nii.gz', r'exist|force', snapshot(t/'preds'))
+
+@case('predict-workers-on-one-volume')
+def _(t, d):
+    spec = P(d, 'hu_windows', d.volume, t/'pred.nii.gz', d.volume, r'folder of volumes')
+    spec.args += ['--workers', '2']
+    return spec
 
 
 # ================================================================== evaluate PRED GT [--csv FILE]
