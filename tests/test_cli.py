@@ -115,6 +115,22 @@ def test_folder_of_volumes_two_workers_equal_one_and_parts(flow):
     r = run('evaluate', one, flow/'lits')
     assert r.returncode == 0
 
+def test_kill_9_during_predict_leaves_no_output(flow, tmp_path):
+    "SIGKILL while the output is being written (its temporary file exists): the output name never appears"
+    import signal, time
+    vol, _ = write_lits_case(tmp_path, case_id=5, seed=5, shape=(256, 256, 96), spacing=(1.5, 1.5, 2.0))
+    out = tmp_path/'pred.nii.gz'
+    proc = subprocess.Popen(CLI + ['predict', str(flow/'model'), str(vol), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, t0 = False, time.time()
+    while proc.poll() is None and time.time() - t0 < 600:
+        if any(p.name.startswith('.pred.tmp-') for p in tmp_path.iterdir()): seen = True; break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    if not seen: pytest.skip("the prediction finished before its output file could be caught being written")
+    assert not out.exists()
+    run('predict', flow/'model', vol, out)   # a rerun writes it whole; the killed run's temporary file is not in the way
+    assert read_labels(out).shape == (256, 256, 96)
+
 def test_existing_output_is_kept_without_force(flow):
     out = flow/'pred_keep.nii.gz'
     out.write_bytes(b'keep me')
