@@ -74,11 +74,11 @@ def seed_predict(pkl, nii):
     return time.perf_counter() - t0, tuple(mask.shape)
 
 
-def ours_predict(model_dir, nii, out):
-    "predict_path timed around the call (model load, reading, prediction, post-processing, writing)"
+def ours_predict(model_dir, nii, out, post='1'):
+    "predict_path timed around the call (model load, reading, prediction, post-processing unless post='0', writing)"
     from liver_seg.predict import predict_path
     t0 = time.perf_counter()
-    predict_path(model_dir, nii, out, force=True, progress=False)
+    predict_path(model_dir, nii, out, force=True, progress=False, postprocess=post == '1')
     return time.perf_counter() - t0
 
 
@@ -132,11 +132,11 @@ def main():
     default_lc = inspect.signature(train).parameters['last_cross'].default  # what `liver-seg train` builds
     cfg = default_config(arch='resnet34', size=a.size, precision=prec,
                          input={'kind': 'hu_windows', 'windows': [list(w) for w in WINS], 'freqhist': True, 'context': 0})
-    cfg_same = dict(cfg, arch_kwargs={'last_cross': True})   # the seed's network (fastai's unet_learner default)
+    cfg_other = dict(cfg, arch_kwargs={'last_cross': not default_lc})   # the other network: opt-in, or the seed's
     if not default_lc: cfg = dict(cfg, arch_kwargs={'last_cross': False})
     torch.manual_seed(0)
     model_dir = save_model_folder(build_model(cfg), cfg, work/'model', force=True)
-    same_dir = model_dir if default_lc else save_model_folder(build_model(cfg_same), cfg_same, work/'model_same', force=True)
+    other_dir = save_model_folder(build_model(cfg_other), cfg_other, work/'model_other', force=True)
     nii = write_volume(work/'volume.nii.gz', a.slices)
     pkl_dir = work/'seed'
     r = subprocess.run(child('make_seed_learner', str(pkl_dir), str(a.size)), capture_output=True, text=True)
@@ -148,14 +148,15 @@ def main():
     w, rss, out = measured(child('seed_predict', str(pkl), str(nii)))
     inner, shape = json.loads(out.strip().splitlines()[-1])
     rows.append(('seed: load_learner + to_nchan + test_dl/get_preds (fp32, 128 px out)', w, inner, rss))
-    net = 'default recipe: last_cross=False' if not default_lc else 'default recipe'
+    net = f'default network: last_cross={default_lc}'
     w, rss, _ = measured(['liver-seg', 'predict', model_dir, nii, work/'pred_cli.nii.gz', '--force'])
     rows.append((f'ours: liver-seg predict ({prec}, full-res NIfTI, post-processed; {net})', w, None, rss))
     w, rss, out = measured(child('ours_predict', str(model_dir), str(nii), str(work/'pred_py.nii.gz')))
     rows.append((f'ours: predict_path in Python ({prec}; {net})', w, float(out.strip().splitlines()[-1]), rss))
-    if same_dir != model_dir:
-        w, rss, out = measured(child('ours_predict', str(same_dir), str(nii), str(work/'pred_same.nii.gz')))
-        rows.append((f"ours: predict_path ({prec}; the seed's network, last_cross=True)", w, float(out.strip().splitlines()[-1]), rss))
+    w, rss, out = measured(child('ours_predict', str(other_dir), str(nii), str(work/'pred_other.nii.gz')))
+    rows.append((f"ours: predict_path ({prec}; last_cross={not default_lc}{', opt-in' if default_lc else ', the seed network'})", w, float(out.strip().splitlines()[-1]), rss))
+    w, rss, out = measured(child('ours_predict', str(other_dir if default_lc else model_dir), str(nii), str(work/'pred_nopost.nii.gz'), '0'))
+    rows.append((f"ours: predict_path ({prec}; last_cross=False; no post-processing, like the seed)", w, float(out.strip().splitlines()[-1]), rss))
     print(f"\n{'method':78s} {'wall s':>7s} {'slices/s':>9s} {'inner s':>8s} {'slices/s':>9s} {'RSS MB':>7s}")
     for name, w, inner, rss in rows:
         ins = f"{inner:8.1f} {a.slices/inner:9.2f}" if inner else f"{'-':>8s} {'-':>9s}"
@@ -163,8 +164,8 @@ def main():
     seed_w, seed_in = rows[0][1], rows[0][2]
     print(f"\nspeed-up, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, predict_path {seed_w/rows[2][1]:.1f}x")
     print(f"speed-up, timed region only (seed without imports/load_learner vs predict_path call): {seed_in/rows[2][2]:.1f}x")
-    if len(rows) > 3:
-        print(f"same network as the seed (last_cross=True): end to end {seed_w/rows[3][1]:.1f}x, timed region {seed_in/rows[3][2]:.1f}x")
+    print(f"with last_cross={not default_lc}: end to end {seed_w/rows[3][1]:.1f}x, timed region {seed_in/rows[3][2]:.1f}x")
+    print(f"last_cross=False without post-processing: end to end {seed_w/rows[4][1]:.1f}x, timed region {seed_in/rows[4][2]:.1f}x")
 
     if not a.no_big:
         big = write_volume(work/'big.nii.gz', a.big, tile=50)
