@@ -169,3 +169,15 @@ def test_resume_refuses_other_options_and_missing_run(toy, tmp_path):
     res = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and 'nothing to resume' in res.stderr and 'Traceback' not in res.stderr
     assert not (tmp_path/'m').exists()
+
+
+def test_last_cross_off_is_saved_and_reloads(toy, tmp_path):
+    "last_cross=False builds the lighter U-Net, says so in config.json, and the folder reloads to that network"
+    m = train(toy, tmp_path/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'], pretrained=False,
+              progress=False, last_cross=False)
+    cfg = json.loads((m/'config.json').read_text())
+    assert cfg['arch_kwargs'] == {'last_cross': False} and cfg['recipe']['last_cross'] is False
+    net, _ = load_model_folder(m)
+    full = load_model_folder(train(toy, tmp_path/'full', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'],
+                                   pretrained=False, progress=False))[0]
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters())
