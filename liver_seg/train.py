@@ -442,7 +442,8 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
                 learn.export(run/'learner.pkl')
                 with atomic_path(out, force=force) as tmp:
                     os.replace(run, tmp)
-                    for f in ('best.pth', 'last.pth', 'recipe.json'): (tmp/f).unlink(missing_ok=True)
+                    for f in Path(tmp).iterdir(): # checkpoints, and temporaries a killed earlier attempt left
+                        if f.name in ('best.pth', 'last.pth', 'recipe.json') or f.name.startswith('.'): f.unlink()
         except LiverSegError as e: raise LiverSegError(e.path, e.problem) from None # fastai's callback wrapper adds lines
         except OSError as e:
             if e.errno not in _WRITE_ERRNOS: raise
