@@ -17,7 +17,7 @@ from fastai.callback.tracker import TrackerCallback
 from .io import LiverSegError, atomic_path, _WRITE_ERRNOS
 from .data import seg_dataloaders
 from .metrics import get_loss, seg_metrics, LOSSES
-from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
+from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16, model_state
 
 # %% auto #0
 __all__ = ['CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger', 'plot_learning_curves',
@@ -241,13 +241,11 @@ def _plain(o):
     return o.item() if isinstance(o, np.generic) else o # the schedulers leave numpy floats in the hyper-parameters
 
 def _save_atomic(obj, fname:Path):
-    "`torch.save` under a temporary name, then rename: a kill leaves the old file or the new one, never half of one"
-    tmp = fname.with_name(f".{fname.name}.tmp-{os.getpid()}")
-    try: torch.save(obj, tmp)
-    except RuntimeError as e: # torch's file writer reports a full disk this way
-        tmp.unlink(missing_ok=True)
-        raise LiverSegError(fname, f"cannot write the checkpoint (disk full?): {str(e).splitlines()[0][-120:]}") from None
-    os.replace(tmp, fname)
+    "`torch.save` through `atomic_path`: a kill leaves the old file or the new one, never half of one"
+    with atomic_path(fname, force=True) as tmp:
+        try: torch.save(obj, tmp)
+        except RuntimeError as e: # torch's file writer reports a full disk this way, not as an OSError
+            raise LiverSegError(fname, f"cannot write the checkpoint (disk full?): {str(e).splitlines()[0][-120:]}") from None
 
 # %% ../nbs/07_train.ipynb #96d86726
 class EpochCheckpoint(TrackerCallback):
@@ -268,7 +266,7 @@ class EpochCheckpoint(TrackerCallback):
         super().after_epoch()
         from fastai.torch_core import rank_distrib, get_model
         if rank_distrib(): return # only rank 0 writes
-        state = {k: v.detach().cpu() for k, v in get_model(self.learn.model).state_dict().items()}
+        state = model_state(get_model(self.learn.model))
         if self.new_best: _save_atomic(state, self.learn.path/'best.pth')
         if not self.resumable: return
         if self.history is not None and self.history.file is not None: self.history.file.flush(); os.fsync(self.history.file.fileno())
