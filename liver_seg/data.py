@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .io import LiverSegError, find_slice_pairs, read_image, read_mask, decode_mask
+from .io import LiverSegError, find_slice_pairs, read_image, read_mask, decode_mask, case_sort_key
 
 # %% auto #0
 __all__ = ['toy_slice_folder', 'mask_encoding', 'slice_items', 'SliceImage', 'SliceMask', 'CaseSplitter', 'data_stats',
@@ -110,8 +110,6 @@ class SliceMask:
     def __repr__(self): return f'SliceMask(encoding={self.encoding!r})'
 
 # %% ../nbs/04_data.ipynb #dfcd5f07
-def _case_key(c): return (0, int(c), '') if str(c).isdigit() else (1, 0, str(c))
-
 class CaseSplitter:
     "fastai splitter: all slices of a case go to train or to valid (named `valid_cases`, or a seeded `valid_pct` of cases)"
     def __init__(self, valid_cases=None, valid_pct:float=0.2, seed:int=42):
@@ -119,7 +117,7 @@ class CaseSplitter:
         self.valid_pct, self.seed = valid_pct, seed
     def split_cases(self, cases):
         "(train cases, valid cases) of the distinct `cases`"
-        cases = sorted({str(c) for c in cases}, key=_case_key)
+        cases = sorted({str(c) for c in cases}, key=case_sort_key)
         if len(cases) < 2: raise LiverSegError(cases[0] if cases else '.', "validation by case needs at least 2 cases; found 1")
         if self.valid_cases is not None:
             missing = [c for c in self.valid_cases if c not in cases]
@@ -128,7 +126,7 @@ class CaseSplitter:
             if len(valid) == len(cases): raise LiverSegError(','.join(valid), "every case is a validation case: nothing to train on")
         else:
             n = min(len(cases) - 1, max(1, round(self.valid_pct*len(cases))))
-            valid = sorted(random.Random(self.seed).sample(cases, n), key=_case_key)
+            valid = sorted(random.Random(self.seed).sample(cases, n), key=case_sort_key)
         return [c for c in cases if c not in valid], valid
     def __call__(self, items):
         case = items['case'].astype(str).to_numpy()

@@ -6,16 +6,16 @@ Docs: https://liver-seg.github.io/liver_seg/evaluate.html.md"""
 
 # %% ../nbs/10_evaluate.ipynb #c3d220c7
 from __future__ import annotations
-import math, re
+import math
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
-from .io import LiverSegError, atomic_path, read_labels, read_mask, parse_slice_name, IMAGE_EXTS
+from .io import (LiverSegError, atomic_path, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
+                          nifti_stem, case_key, case_sort_key)
 from .postprocess import mask_bbox
 
 # %% auto #0
-__all__ = ['overlap_metrics', 'surface_distances', 'distance_metrics', 'lesion_counts', 'case_metrics', 'case_key', 'global_dice',
-           'evaluate']
+__all__ = ['overlap_metrics', 'surface_distances', 'distance_metrics', 'lesion_counts', 'case_metrics', 'global_dice', 'evaluate']
 
 # %% ../nbs/10_evaluate.ipynb #eb4edb0a
 def _ratio(num, den, both_empty):
@@ -94,27 +94,15 @@ def case_metrics(pred, # predicted labels (X, Y, Z): 0 background, 1 liver, 2 tu
     res |= {f'tumor_{k}': v for k, v in lesion_counts(pred == 2, gt == 2).items()}
     return res
 
-# %% ../nbs/10_evaluate.ipynb #72470b89
-def _nifti_stem(p:Path) -> str|None:
-    n = p.name
-    for suf in ('.nii.gz', '.nii'):
-        if n.lower().endswith(suf): return n[:-len(suf)]
-    return None
-
-def case_key(stem:str) -> str:
-    "Case id of a file stem: its last number ('segmentation-3' -> '3'), or the stem when it has no digits"
-    nums = re.findall(r'\d+', stem)
-    return str(int(nums[-1])) if nums else stem
-
 # %% ../nbs/10_evaluate.ipynb #bef5cdbd
 def _nifti_files(folder:Path) -> dict:
     "{case: path} of the label NIfTI files in `folder` (a LiTS folder's `segmentation-*`, not its `volume-*`), refusing two files of one case"
     res = {}
-    files = [p for p in sorted(folder.iterdir()) if _nifti_stem(p) is not None and not p.name.startswith('.') and p.is_file()]
+    files = [p for p in sorted(folder.iterdir()) if nifti_stem(p) is not None and not p.name.startswith('.') and p.is_file()]
     if any(p.name.lower().startswith('segmentation') for p in files):
         files = [p for p in files if not p.name.lower().startswith('volume')] # the CT beside its labels
     for p in files:
-        stem = _nifti_stem(p)
+        stem = nifti_stem(p)
         k = case_key(stem)
         if k in res: raise LiverSegError(p, f"same case number {k} as {res[k].name}")
         res[k] = p
@@ -205,26 +193,26 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
     note = []
     if pred.is_file() and gt.is_file():
         for p in (pred, gt):
-            if _nifti_stem(p) is None: raise LiverSegError(p, "expected a .nii or .nii.gz file")
-        jobs = [(case_key(_nifti_stem(gt)), lambda: _nifti_case(pred, gt))]
+            if nifti_stem(p) is None: raise LiverSegError(p, "expected a .nii or .nii.gz file")
+        jobs = [(case_key(nifti_stem(gt)), lambda: _nifti_case(pred, gt))]
     elif pred.is_dir() and gt.is_dir():
         pn, gn = _nifti_files(pred), _nifti_files(gt)
         if pn or gn:
             for p, n in ((pred, pn), (gt, gn)):
                 if not n: raise LiverSegError(p, "no NIfTI files (the other folder has some)")
-            pairs = {k: (pn[k], gn[k]) for k in sorted(set(pn) & set(gn), key=_sort_key)}
+            pairs = {k: (pn[k], gn[k]) for k in sorted(set(pn) & set(gn), key=case_sort_key)}
             jobs = [(k, (lambda a=a, b=b: _nifti_case(a, b))) for k, (a, b) in pairs.items()]
-            only_p, only_g = sorted(set(pn) - set(gn), key=_sort_key), sorted(set(gn) - set(pn), key=_sort_key)
+            only_p, only_g = sorted(set(pn) - set(gn), key=case_sort_key), sorted(set(gn) - set(pn), key=case_sort_key)
         else:
             pm, gm = _mask_files(pred), _mask_files(gt)
             for p, n in ((pred, pm), (gt, gm)):
                 if not n: raise LiverSegError(p, "no NIfTI files and no mask images")
             jobs = []
-            for k in sorted(set(pm) & set(gm), key=_sort_key):
+            for k in sorted(set(pm) & set(gm), key=case_sort_key):
                 miss = sorted(set(gm[k]) - set(pm[k]))
                 if miss: raise LiverSegError(gm[k][miss[0]], f"no predicted mask for this slice ({len(miss)} slices of case {k} missing in {pred})")
                 jobs.append((k, (lambda a={s: pm[k][s] for s in gm[k]}, b=gm[k]: _mask_case(a, b))))
-            only_p, only_g = sorted(set(pm) - set(gm), key=_sort_key), sorted(set(gm) - set(pm), key=_sort_key)
+            only_p, only_g = sorted(set(pm) - set(gm), key=case_sort_key), sorted(set(gm) - set(pm), key=case_sort_key)
             note.append("slice masks carry no geometry: spacing taken as 1 mm per pixel and per slice "
                         "(distances in pixels, volumes in 1000s of voxels)")
         if only_g: note.append(f"not evaluated, no prediction: cases {', '.join(only_g)}")
@@ -248,4 +236,4 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
         if verbose: print(f"wrote {csv}")
     return df
 
-def _sort_key(k:str): return (0, int(k), '') if k.isdigit() else (1, 0, k)
+

@@ -17,7 +17,8 @@ import nibabel as nib
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'LiverSegError', 'atomic_path', 'CTVolume', 'open_nifti', 'read_nifti', 'read_labels', 'write_labels',
            'to_display', 'from_display', 'find_dicom_files', 'read_dicom_series', 'parse_slice_name', 'decode_mask',
-           'read_image', 'read_mask', 'find_slice_pairs', 'read_slice_volume', 'read_chaos_case']
+           'read_image', 'read_mask', 'case_sort_key', 'nifti_stem', 'case_key', 'find_slice_pairs',
+           'read_slice_volume', 'read_chaos_case']
 
 # %% ../nbs/00_io.ipynb #4d5845de
 class LiverSegError(Exception):
@@ -374,10 +375,23 @@ def read_mask(path, # a PNG, BMP or TIFF mask image
     return decode_mask(a, path, encoding)
 
 # %% ../nbs/00_io.ipynb #2afa421d
-def _case_key(case:str):
+def case_sort_key(case:str):
     "Sort key: all-digit case ids numerically, before the others sorted as text."
     return (0, int(case), '') if case.isdigit() else (1, 0, case)
 
+def nifti_stem(p) -> str|None: # a path or file name
+    "The file name without `.nii.gz` or `.nii` (any case), or None when it is not a NIfTI name"
+    n = Path(p).name
+    for suf in ('.nii.gz', '.nii'):
+        if n.lower().endswith(suf): return n[:-len(suf)]
+    return None
+
+def case_key(stem:str) -> str:
+    "Case id of a file stem: its last number ('segmentation-3' -> '3'), or the stem when it has no digits"
+    nums = re.findall(r'\d+', stem)
+    return str(int(nums[-1])) if nums else stem
+
+# %% ../nbs/00_io.ipynb #09e23a8e
 def _images_in(folder:Path) -> list:
     "Image files directly in `folder`, sorted by name."
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
@@ -411,7 +425,7 @@ def find_slice_pairs(folder, # `images/` (+ `masks/`) inside, or a flat folder o
     if masks:
         extra = sorted(set(msks) - set(imgs))
         if extra: raise LiverSegError(msks[extra[0]], f"mask without an image ({len(extra)} such masks)")
-    rows.sort(key=lambda r: (_case_key(r[0]), r[1]))
+    rows.sort(key=lambda r: (case_sort_key(r[0]), r[1]))
     return pd.DataFrame(rows, columns=['case', 'slice', 'image', 'mask'])
 
 # %% ../nbs/00_io.ipynb #7149e8c7

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .io import (LiverSegError, CTVolume, atomic_path, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
-                          write_labels, find_slice_pairs, read_image, IMAGE_EXTS)
+                          write_labels, find_slice_pairs, read_image, IMAGE_EXTS, nifti_stem, case_key, case_sort_key)
 from .windows import volume_channels
 from .model import cpu_has_bf16
 
@@ -171,8 +171,6 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
     return out
 
 # %% ../nbs/08_predict.ipynb #da9d11d6
-def _is_nifti_name(name:str) -> bool: return name.lower().endswith(('.nii', '.nii.gz'))
-
 def _dicom_subfolders(path:Path) -> list:
     "Sub-folders of `path` that hold DICOM files, when `path` itself holds none directly"
     if any(p.is_file() and not p.name.startswith('.') and find_dicom_files(p) for p in path.iterdir()): return []
@@ -182,12 +180,12 @@ def _input_kind(path:Path) -> str:
     "'nifti', 'dicom', 'slices' or 'volumes' (a folder of NIfTI files or of DICOM series folders)"
     if not path.exists(): raise LiverSegError(path, "no such file or folder")
     if path.is_file():
-        if _is_nifti_name(path.name): return 'nifti'
+        if nifti_stem(path) is not None: return 'nifti'
         if find_dicom_files(path): return 'dicom'
         raise LiverSegError(path, "not a NIfTI file (.nii, .nii.gz), a DICOM folder or a slice folder")
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith('.')]
     if (path/'images').is_dir() or any(p.suffix.lower() in IMAGE_EXTS for p in files): return 'slices'
-    if any(_is_nifti_name(p.name) for p in files) or len(_dicom_subfolders(path)) > 1: return 'volumes'
+    if any(nifti_stem(p) is not None for p in files) or len(_dicom_subfolders(path)) > 1: return 'volumes'
     if find_dicom_files(path): return 'dicom'
     raise LiverSegError(path, "folder holds no NIfTI volume, DICOM series or slice images")
 
@@ -268,8 +266,7 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
     if kind != 'volumes' and (part not in (None, '1/1') or workers != 1):
         raise LiverSegError(input, "--part and --workers share a folder of volumes; this is a single volume or slice folder")
     if output.exists() and not force and kind != 'volumes': raise LiverSegError(output, "exists; use --force to overwrite")
-    oname = output.name.lower()
-    is_nii = oname.endswith('.nii') or oname.endswith('.nii.gz')
+    is_nii = nifti_stem(output) is not None
     if kind == 'volumes':
         if is_nii: raise LiverSegError(output, "a folder of volumes gives a folder of .nii.gz files, not one NIfTI file")
         return predict_volumes(model, input, output, part=part, workers=workers, batch_size=batch_size, device=device, tta=tta,
@@ -295,20 +292,14 @@ def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int,
 def volume_files(folder) -> list: # NIfTI files and DICOM series folders, sorted by case number
     "The volumes a folder holds: its NIfTI files (only `volume-*` where there are some) or its DICOM series sub-folders"
     folder = Path(folder)
-    nii = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.') and _is_nifti_name(p.name)]
+    nii = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.') and nifti_stem(p) is not None]
     vols = [p for p in nii if p.name.lower().startswith('volume')]
     found = (vols or nii) + _dicom_subfolders(folder)
-    return sorted(found, key=lambda p: (_case_number(p.name), p.name))
-
-def _case_number(name:str) -> int:
-    import re
-    nums = re.findall(r'\d+', name.split('.')[0])
-    return int(nums[-1]) if nums else -1
+    return sorted(found, key=lambda p: (case_sort_key(case_key(nifti_stem(p) or p.name)), p.name))
 
 def prediction_name(src) -> str: # a volume's file or folder
     "File name of the prediction for volume `src`: `volume-3.nii` -> `segmentation-3.nii.gz`, else `<name>.nii.gz`"
-    name = Path(src).name
-    stem = name[:-7] if name.lower().endswith('.nii.gz') else name[:-4] if name.lower().endswith('.nii') else name
+    stem = nifti_stem(src) or Path(src).name
     if stem.lower().startswith('volume'): stem = 'segmentation' + stem[6:]
     return stem + '.nii.gz'
 
