@@ -25,6 +25,8 @@ def main():
     p.add_argument('--epochs', type=int, default=24)
     p.add_argument('--keep-from', type=int, default=12, help='save and score every epoch from this one (0-based)')
     p.add_argument('--last-cross', action='store_true', help="keep fastai's full-resolution ResBlock (default here: off)")
+    p.add_argument('--valid-cases', default=None, help='comma-separated validation cases for the checkpoint rule (default: train\'s own choice)')
+    p.add_argument('--train-kwargs', default='{}', help='more `train` options as JSON, e.g. \'{"loss": "ce+dice"}\'')
     a = p.parse_args()
     warnings.filterwarnings('ignore')
     import torch, pandas as pd
@@ -47,12 +49,13 @@ def main():
             if self.epoch >= a.keep_from: torch.save(model_state(get_model(self.learn.model)), work/f'epoch{self.epoch}.pth')
 
     t0 = time.time()
+    valid = None if a.valid_cases is None else [c.strip() for c in a.valid_cases.split(',')]
     m = train(work/'train', work/'model', size=a.size, epochs=a.epochs, pretrained=False, last_cross=a.last_cross,
-              cbs=[KeepEpochs()])
+              valid_cases=valid, cbs=[KeepEpochs()], **json.loads(a.train_kwargs))
     cfg = json.loads((m/'config.json').read_text())
     hist = pd.read_csv(m/'history.csv')
     print(f"trained in {(time.time() - t0)/60:.1f} min; size {a.size}, {a.epochs} epochs, last_cross {a.last_cross}; "
-          f"validation {cfg['split']['valid_cases']}; the checkpoint rule kept epoch {cfg['recipe']['best_epoch']}", flush=True)
+          f"options {a.train_kwargs}; validation {cfg['split']['valid_cases']}; the checkpoint rule kept epoch {cfg['recipe']['best_epoch']}", flush=True)
     for f in sorted(work.glob('epoch*.pth'), key=lambda q: int(q.stem[5:])):
         ep = int(f.stem[5:])
         d = work/f'm{ep}'; d.mkdir()

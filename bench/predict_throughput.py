@@ -112,6 +112,47 @@ def write_volume(path, n, seed=0, tile=None):
     return path
 
 
+def realistic_postprocess(n):
+    "Post-processing time on a trained model's kind of output: the phantom's own labels (one liver, a few tumours)"
+    from liver_seg.synth import make_phantom
+    from liver_seg.postprocess import postprocess
+    _, lab, _ = make_phantom((512, 512, n), seed=0)
+    lab = lab.astype(np.uint8)
+    t = time.perf_counter(); postprocess(lab, spacing=(0.8, 0.8, 2.5), out=lab); dt = time.perf_counter() - t
+    print(f"post-processing of realistic labels (the phantom's ground truth, 512 x 512 x {n}): {dt:.2f} s "
+          f"(the untrained network's noise above is its worst case)")
+
+
+def network_seconds(model_dir, n, size, bs=16):
+    "In-process time of the network alone (Predictor.scores: normalise, bf16/fp32 forward) on n slices at model size"
+    from liver_seg.predict import Predictor
+    pred = Predictor.from_folder(model_dir)
+    imgs = np.random.default_rng(0).integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
+    pred.scores(imgs)
+    t = time.perf_counter()
+    for _ in range(-(-n // bs)): pred.scores(imgs)
+    return time.perf_counter() - t
+
+
+def ceiling(size, n, seed_inner, rows, prec, dirs):
+    "The network's forward FLOPs per slice over this machine's matmul rates: the fastest each path could be"
+    import torch
+    from train_throughput import flops_per_slice, matmul_rate
+    r32, r16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    rate = r16 if prec == 'bf16' else r32
+    print(f"\nceiling: matmul (2048^2, best of 6) fp32 {r32/1e9:.0f} GFLOP/s, bf16 {r16/1e9:.0f} GFLOP/s ({r16/r32:.1f}x)")
+    f_seed = flops_per_slice(size)[0]
+    print(f"  seed (fp32, default network): {f_seed/1e9:.2f} GFLOP/slice forward -> its network alone needs >= {n*f_seed/r32:.1f} s "
+          f"per {n} slices at the fp32 ceiling; measured {seed_inner:.1f} s for everything")
+    for (name, kw, inner), d in zip([('default network', {}, rows[2][2]), ('bottle=True', {'bottle': True}, rows[4][2]),
+                                     ('last_cross=False', {'last_cross': False}, rows[3][2])], dirs):
+        f = flops_per_slice(size, **kw)[0]
+        best, net = n*f/rate, network_seconds(d, n, size)
+        print(f"  ours, {name} ({prec}): {f/1e9:.2f} GFLOP/slice forward -> >= {best:.1f} s per {n} slices at the ceiling; "
+              f"network measured {net:.1f} s ({f*n/net/rate:.0%} of the ceiling) of {inner:.1f} s for everything; "
+              f"the seed's {seed_inner:.1f} s over a network at the ceiling and nothing else: {seed_inner/best:.1f}x at most")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--slices', type=int, default=100)
@@ -134,9 +175,11 @@ def main():
                          input={'kind': 'hu_windows', 'windows': [list(w) for w in WINS], 'freqhist': True, 'context': 0})
     cfg_other = dict(cfg, arch_kwargs={'last_cross': not default_lc})   # the other network: opt-in, or the seed's
     if not default_lc: cfg = dict(cfg, arch_kwargs={'last_cross': False})
+    cfg_bottle = dict(cfg, arch_kwargs={'bottle': True})   # `train(bottle=True)`: the full-resolution block, halved
     torch.manual_seed(0)
     model_dir = save_model_folder(build_model(cfg), cfg, work/'model', force=True)
     other_dir = save_model_folder(build_model(cfg_other), cfg_other, work/'model_other', force=True)
+    bottle_dir = save_model_folder(build_model(cfg_bottle), cfg_bottle, work/'model_bottle', force=True)
     nii = write_volume(work/'volume.nii.gz', a.slices)
     pkl_dir = work/'seed'
     r = subprocess.run(child('make_seed_learner', str(pkl_dir), str(a.size)), capture_output=True, text=True)
@@ -155,6 +198,8 @@ def main():
     rows.append((f'ours: predict_path in Python ({prec}; {net})', w, float(out.strip().splitlines()[-1]), rss))
     w, rss, out = measured(child('ours_predict', str(other_dir), str(nii), str(work/'pred_other.nii.gz')))
     rows.append((f"ours: predict_path ({prec}; last_cross={not default_lc}{', opt-in' if default_lc else ', the seed network'})", w, float(out.strip().splitlines()[-1]), rss))
+    w, rss, out = measured(child('ours_predict', str(bottle_dir), str(nii), str(work/'pred_bottle.nii.gz')))
+    rows.append((f"ours: predict_path ({prec}; bottle=True, opt-in)", w, float(out.strip().splitlines()[-1]), rss))
     w, rss, out = measured(child('ours_predict', str(other_dir if default_lc else model_dir), str(nii), str(work/'pred_nopost.nii.gz'), '0'))
     rows.append((f"ours: predict_path ({prec}; last_cross=False; no post-processing, like the seed)", w, float(out.strip().splitlines()[-1]), rss))
     print(f"\n{'method':78s} {'wall s':>7s} {'slices/s':>9s} {'inner s':>8s} {'slices/s':>9s} {'RSS MB':>7s}")
@@ -165,7 +210,10 @@ def main():
     print(f"\nspeed-up, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, predict_path {seed_w/rows[2][1]:.1f}x")
     print(f"speed-up, timed region only (seed without imports/load_learner vs predict_path call): {seed_in/rows[2][2]:.1f}x")
     print(f"with last_cross={not default_lc}: end to end {seed_w/rows[3][1]:.1f}x, timed region {seed_in/rows[3][2]:.1f}x")
-    print(f"last_cross=False without post-processing: end to end {seed_w/rows[4][1]:.1f}x, timed region {seed_in/rows[4][2]:.1f}x")
+    print(f"bottle=True: end to end {seed_w/rows[4][1]:.1f}x, timed region {seed_in/rows[4][2]:.1f}x")
+    print(f"last_cross=False without post-processing: end to end {seed_w/rows[5][1]:.1f}x, timed region {seed_in/rows[5][2]:.1f}x")
+    realistic_postprocess(a.slices)
+    ceiling(a.size, a.slices, seed_in, rows, prec, [model_dir, bottle_dir, other_dir])
 
     if not a.no_big:
         big = write_volume(work/'big.nii.gz', a.big, tile=50)

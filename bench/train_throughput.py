@@ -1,5 +1,6 @@
 """Training throughput: our step (bf16 autocast + channels_last, `liver_seg.train.CPUBF16`) against fastai's default
-fp32 learner, resnet34 U-Net from scratch, 128 px, batch 16, on the same pre-made batches, in the same run.
+fp32 learner, resnet34 U-Net from scratch, 128 px, batch 16, on the same pre-made batches, in the same run; also
+our step with `bottle=True` and with `last_cross=False` (the two cheaper full-resolution ends `train` offers).
 
     python bench/train_throughput.py [--steps 12] [--warmup 3] [--rounds 2] [--size 128] [--bs 16] [--threads N]
 
@@ -37,15 +38,18 @@ def make_batches(n, size, bs, seed=0):
     return out, 'phantom slices (toy_slice_folder)'
 
 
-def make_learner(batches, bf16, last_cross=True):
+def make_learner(batches, bf16, **unet_kwargs):
     from fastai.vision.all import unet_learner, resnet34, CrossEntropyLossFlat, DataLoaders
     from fastai.data.load import DataLoader
     from liver_seg.train import CPUBF16
     dl = DataLoader(batches, bs=None)
     dls = DataLoaders(dl, DataLoader(batches[:1], bs=None))
     dls.c = 3
-    learn = unet_learner(dls, resnet34, n_out=3, pretrained=False, normalize=False, last_cross=last_cross,
+    learn = unet_learner(dls, resnet34, n_out=3, pretrained=False, normalize=False,
                          loss_func=CrossEntropyLossFlat(axis=1), cbs=[CPUBF16()] if bf16 else [])
+    if unet_kwargs: # the network `train` builds with these options (fastai's own bottle=True is broken: liver_seg.model)
+        from liver_seg.model import build_model, default_config
+        learn.model = build_model(default_config(arch='resnet34', size=batches[0][0].shape[-1], arch_kwargs=unet_kwargs))
     return learn
 
 
@@ -76,10 +80,10 @@ def matmul_rate(dtype, n=2048, reps=6):
     return 2*n**3/best
 
 
-def flops_per_slice(size, last_cross=True):
+def flops_per_slice(size, **unet_kwargs):
     from torch.utils.flop_counter import FlopCounterMode
     from liver_seg.model import build_model, default_config
-    net = build_model(default_config(arch='resnet34', size=size, arch_kwargs={'last_cross': last_cross})).train()
+    net = build_model(default_config(arch='resnet34', size=size, arch_kwargs=unet_kwargs)).train()
     x = torch.randn(1, 3, size, size, requires_grad=False)
     with FlopCounterMode(display=False) as fc:
         net(x).float().sum().backward()
@@ -110,9 +114,10 @@ def main():
     import inspect
     from liver_seg.train import train
     default_lc = inspect.signature(train).parameters['last_cross'].default
-    F32, B16, REC = 'fp32 (fastai default)', 'bf16 + channels_last (ours)', 'ours + last_cross=False'
+    F32, B16, BOT, REC = 'fp32 (fastai default)', 'bf16 + channels_last (ours)', 'ours + bottle=True', 'ours + last_cross=False'
     learners = {F32: make_learner(batches, False), B16: make_learner(batches, True)}
     learners[B16].model.load_state_dict(learners[F32].model.state_dict())
+    learners[BOT] = make_learner(batches, True, bottle=True)  # `train(bottle=True)`: the full-resolution block, halved
     learners[REC] = make_learner(batches, True, last_cross=False)  # `train(last_cross=False)`: opt-in unless it is the default
     times = {k: [] for k in learners}
     for r in range(a.rounds):
@@ -130,10 +135,14 @@ def main():
     print(f'speed-up, same network (median step time, same run): {f32/b16:.2f}x')
     print(f'speed-up, same network (fastest step of each, least disturbed by other load): '
           f"{best[F32]/best[B16]:.2f}x ({best[F32]:.2f} vs {best[B16]:.2f} s/step)")
+    print(f"speed-up, bottle=True against fastai default fp32 (median): {f32/res[BOT]:.2f}x   (target >= 3.5x); "
+          f'fastest steps {best[F32]/best[BOT]:.2f}x')
     if REC in res:
         print(f"speed-up, last_cross=False ({'the default' if not default_lc else 'opt-in, not the default'}) against fastai default fp32 (median): {f32/res[REC]:.2f}x   (target >= 3.5x); "
               f'fastest steps {best[F32]/best[REC]:.2f}x')
     print(f'load average at the end: {os.getloadavg()}')
+    fb, fbb = flops_per_slice(a.size, bottle=True)
+    print(f'network with bottle=True: {fb/1e9:.2f} GFLOP/slice forward, {fbb/1e9:.2f} forward+backward')
     if REC in res:
         fr, frb = flops_per_slice(a.size, last_cross=False)
         print(f'network with last_cross=False: {fr/1e9:.2f} GFLOP/slice forward, {frb/1e9:.2f} forward+backward')
@@ -141,7 +150,7 @@ def main():
     r32, r16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     print(f'model: {fwd/1e9:.2f} GFLOP/slice forward, {fwd_bwd/1e9:.2f} GFLOP/slice forward+backward (FlopCounterMode)')
     print(f'matmul rate (2048^2, best of 6): fp32 {r32/1e9:.0f} GFLOP/s, bf16 {r16/1e9:.0f} GFLOP/s ({r16/r32:.1f}x)')
-    paths = [('fp32', f32, r32, fwd_bwd), ('bf16', b16, r16, fwd_bwd)]
+    paths = [('fp32', f32, r32, fwd_bwd), ('bf16', b16, r16, fwd_bwd), ('bf16, bottle=True', res[BOT], r16, fbb)]
     if REC in res: paths.append(('bf16, last_cross=False', res[REC], r16, frb))
     for k, med, rate, fl in paths:
         achieved = fl*a.bs/med

@@ -66,7 +66,15 @@ def build_model(config:dict, # a `config.json` dict (needs arch, n_in, n_out, si
     net = fn(weights=None)
     if encoder_state is not None: net.load_state_dict(encoder_state)
     body = create_body(net, n_in, encoder_state is not None, meta['cut'])
-    return DynamicUnet(body, n_out, (size, size), **config.get('arch_kwargs', {}))
+    unet = DynamicUnet(body, n_out, (size, size), **config.get('arch_kwargs', {}))
+    if config.get('arch_kwargs', {}).get('bottle') and config['arch_kwargs'].get('last_cross', True): _mend_bottle(unet, n_out)
+    return unet
+
+def _mend_bottle(unet, n_out):
+    "Make the final 1x1 convolution of a `DynamicUnet(bottle=True)` take the halved block's channels"
+    from fastai.layers import ConvLayer
+    assert len(unet.layers[-2]) == 1 # fastai's ConvLayer(ni, n_out, ks=1, act_cls=None): the convolution alone, no norm
+    unet.layers[-2] = ConvLayer(unet.layers[-3].convpath[-1][0].out_channels, n_out, ks=1, act_cls=None, norm_type=None)
 
 # %% ../nbs/06_model.ipynb #b00864cb
 def model_state(model:nn.Module):

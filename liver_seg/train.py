@@ -20,7 +20,7 @@ from .metrics import get_loss, seg_metrics, LOSSES
 from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16, model_state
 
 # %% auto #0
-__all__ = ['CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger', 'plot_learning_curves',
+__all__ = ['UNET_DEFAULTS', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger', 'plot_learning_curves',
            'load_train_config', 'distributed_env', 'SyncValidation', 'auto_context', 'run_folder', 'EpochCheckpoint',
            'resume_state', 'train']
 
@@ -311,6 +311,8 @@ def resume_state(out, # the model folder of the interrupted run
     except Exception as e: raise LiverSegError(run/'last.pth', f"unreadable checkpoint ({type(e).__name__}); start over without --resume") from None
 
 # %% ../nbs/07_train.ipynb #8f204557
+UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
+
 def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
     from fastai.learner import Learner
     from fastai.vision.learner import model_meta, _default_meta
@@ -344,6 +346,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           augment:bool=True, # rotation/zoom/lighting augmentation
           tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
           last_cross:bool=True, # fastai's full-resolution ResBlock at the U-Net's end (False: half the CPU step time)
+          bottle:bool=False, # that ResBlock with half the channels (fastai's `bottle`): a cheaper full-resolution block
           every:int=1, # use every n-th slice of each case
           num_workers:int=0, # DataLoader workers
           device=None, # 'cpu', 'cuda' (default: CUDA if available)
@@ -386,12 +389,13 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
                               num_workers=num_workers, device=device)
         recipe = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, fit=fit, wd=wd, seed=seed,
                       pretrained=enc is not None, weights=None if weights is None else Path(weights).name,
-                      precision=prec, context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, last_cross=last_cross,
+                      precision=prec, context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, last_cross=last_cross, bottle=bottle,
                       every=every, data=str(Path(data).resolve()), monitor='dice_mean', n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
         if world > 1: recipe['processes'] = world # bs is per process
         cfg = default_config(arch=arch, size=size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
                              precision=prec, recipe=recipe, split=dls.split)
-        if not last_cross and arch != 'simple_cnn': cfg['arch_kwargs'] = dict(last_cross=False)
+        unet_kwargs = {k: v for k, v in dict(last_cross=last_cross, bottle=bottle).items() if v != UNET_DEFAULTS[k]}
+        if unet_kwargs and arch != 'simple_cnn': cfg['arch_kwargs'] = unet_kwargs
         run = run_folder(out).absolute() # absolute: fastai joins learn.path with these names
         ckpt = resume_state(out, recipe) if resume else None
         try:

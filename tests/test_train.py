@@ -173,3 +173,15 @@ def test_last_cross_off_is_saved_and_reloads(toy, tmp_path):
     full = load_model_folder(train(toy, tmp_path/'full', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'],
                                    pretrained=False, progress=False))[0]
     assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters())
+    assert json.loads((tmp_path/'full'/'config.json').read_text()).get('arch_kwargs') is None # fastai's defaults are not written
+
+
+def test_bottle_is_saved_and_reloads_to_the_halved_block(toy, tmp_path):
+    "bottle=True halves the channels of the full-resolution ResBlock, is kept in config.json, and reloads to that network"
+    m = train(toy, tmp_path/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'], pretrained=False,
+              progress=False, bottle=True)
+    cfg = json.loads((m/'config.json').read_text())
+    assert cfg['arch_kwargs'] == {'bottle': True} and cfg['recipe']['bottle'] is True
+    net, _ = load_model_folder(m)
+    convs = [c for c in net.layers[-3].modules() if isinstance(c, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs[:2]] == [net.layers[-3].convpath[0][0].in_channels // 2] * 2
