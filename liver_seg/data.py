@@ -14,7 +14,7 @@ from .io import LiverSegError, find_slice_pairs, read_image, read_mask, decode_m
 
 # %% auto #0
 __all__ = ['toy_slice_folder', 'mask_encoding', 'slice_items', 'SliceImage', 'SliceMask', 'CaseSplitter', 'data_stats',
-           'slice_stats', 'case_summary', 'input_spec', 'seg_dataloaders']
+           'slice_stats', 'case_summary', 'input_spec', 'train_crop', 'seg_dataloaders']
 
 # %% ../nbs/04_data.ipynb #c0eb6647
 def toy_slice_folder(folder, # where to write images/ and masks/ (created)
@@ -189,8 +189,16 @@ def input_spec(path, context:int=0):
         if context: raise LiverSegError(path, "2.5D input (context=1) needs gray slice images; prepared slices already hold 3 windowed channels")
     return spec
 
+def train_crop(size:int): # patch side in pixels
+    "fastai's `RandomCrop` on the training split only (validation keeps whole slices)"
+    from fastai.vision.augment import RandomCrop
+    tfm = RandomCrop(size)
+    tfm.split_idx = 0 # fastcore skips a transform whose split_idx is not the dataset's: 0 is training
+    return tfm
+
 def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.png)
                     size:int=128, # slices are squished to size x size
+                    crop:int|None=None, # train on random crop x crop patches of those (validation: whole slices)
                     bs:int=16, # batch size
                     valid_cases=None, # validation cases by name (default: a seeded `valid_pct` of the cases)
                     valid_pct:float=0.2, # fraction of cases for validation when `valid_cases` is None
@@ -224,7 +232,7 @@ def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.pn
     tfms = aug_transforms(do_flip=flip, max_rotate=10., max_zoom=1.1, max_lighting=0.2, max_warp=0.) if augment else []
     dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes=['background', 'liver', 'tumor'])),
                        get_x=get_x, get_y=get_y, splitter=splitter,
-                       item_tfms=Resize(size, method=ResizeMethod.Squish),
+                       item_tfms=[Resize(size, method=ResizeMethod.Squish), *([train_crop(crop)] if crop and crop < size else [])],
                        batch_tfms=[*tfms, Normalize.from_stats(norm['mean'], norm['std'])])
     kw = dict(bs=bs, num_workers=num_workers, device=device or torch.device('cpu'))
     if tumor_weight:

@@ -329,6 +329,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           out, # model folder to write
           arch:str='resnet34', # 'resnet34' (U-Net), another torchvision encoder name, or 'simple_cnn'
           size:int=128, # slices are squished to size x size
+          crop:int|None=None, # train on random crop x crop patches of those; validate and predict on whole slices
           epochs:int=12, # training epochs
           bs:int=16, # batch size
           lr:float|None=None, # peak learning rate (default 2e-3)
@@ -384,10 +385,10 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
     try:
         set_seed(seed, reproducible=True)
         enc = pretrained_encoder_state(arch, weights) if (pretrained or weights is not None) and arch != 'simple_cnn' else None
-        dls = seg_dataloaders(data, size=size, bs=bs, valid_cases=valid_cases, valid_pct=valid_pct, seed=seed,
+        dls = seg_dataloaders(data, size=size, crop=crop, bs=bs, valid_cases=valid_cases, valid_pct=valid_pct, seed=seed,
                               context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, every=every,
                               num_workers=num_workers, device=device)
-        recipe = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, fit=fit, wd=wd, seed=seed,
+        recipe = dict(arch=arch, size=size, crop=crop, epochs=epochs, bs=bs, lr=lr, loss=loss, fit=fit, wd=wd, seed=seed,
                       pretrained=enc is not None, weights=None if weights is None else Path(weights).name,
                       precision=prec, context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, last_cross=last_cross, bottle=bottle,
                       every=every, data=str(Path(data).resolve()), monitor='dice_mean', n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))

@@ -185,3 +185,19 @@ def test_bottle_is_saved_and_reloads_to_the_halved_block(toy, tmp_path):
     net, _ = load_model_folder(m)
     convs = [c for c in net.layers[-3].modules() if isinstance(c, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs[:2]] == [net.layers[-3].convpath[0][0].in_channels // 2] * 2
+
+
+def test_crop_trains_on_patches_and_predicts_whole_slices(toy, tmp_path):
+    "crop=16 at size=32: training batches are 16 px patches, validation and prediction use whole 32 px slices"
+    from fastai.callback.core import Callback
+    seen = {}
+    class Shapes(Callback):
+        def before_batch(self): seen.setdefault('train' if self.training else 'valid', tuple(self.xb[0].shape[-2:]))
+    m = train(toy, tmp_path/'m', arch='resnet18', size=32, crop=16, epochs=1, bs=8, valid_cases=['3'], pretrained=False,
+              progress=False, cbs=[Shapes()])
+    assert seen == {'train': (16, 16), 'valid': (32, 32)}
+    cfg = json.loads((m/'config.json').read_text())
+    assert cfg['size'] == 32 and cfg['recipe']['crop'] == 16
+    from liver_seg.predict import predict_slices
+    out = predict_slices(m, toy/'images', tmp_path/'pred', progress=False)
+    assert len(list(Path(out).glob('*.png'))) == len(list((toy/'images').iterdir()))
