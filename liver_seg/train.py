@@ -333,7 +333,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           epochs:int=12, # training epochs
           bs:int=16, # batch size
           lr:float|None=None, # peak learning rate (default 2e-3)
-          loss:str='ce', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
+          loss:str='ce+dice', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
           valid_cases=None, # validation case names (default: a seeded `valid_pct` of the cases)
           valid_pct:float=0.2, # fraction of cases for validation when `valid_cases` is None
           pretrained:bool=True, # start from ImageNet weights (needs them cached or internet)
