@@ -1,6 +1,7 @@
 """Volume prediction throughput and memory: `liver-seg predict` against the seed's way, in the same run.
 
     python bench/predict_throughput.py [--slices 100] [--size 128] [--big 1000] [--no-big] [--workdir DIR]
+    python bench/predict_throughput.py --no-small --big 1000 --big-model DEMO/model   # memory with a trained model
 
 A synthetic 512 x 512 x N int16 NIfTI (liver_seg.synth phantom) is segmented by an untrained resnet34 U-Net at 128 px
 (speed only, so untrained weights are fine):
@@ -14,7 +15,9 @@ A synthetic 512 x 512 x N int16 NIfTI (liver_seg.synth phantom) is segmented by 
 
 Each runs in its own child process; wall times are end to end (start-up, imports, model load, reading, prediction,
 and for ours post-processing and writing). Peak RSS is each child's `ru_maxrss` (measured by a wrapper process
-with `resource.getrusage(RUSAGE_CHILDREN)`). Then peak RSS of ours on a 512 x 512 x `--big` int16 volume.
+with `resource.getrusage(RUSAGE_CHILDREN)`). Then peak RSS of ours on a 512 x 512 x `--big` int16 volume, with the untrained
+model or with `--big-model` (a trained model folder such as `liver-seg demo`'s, whose liver-sized output is what
+post-processing meets in use). Also prints the forward-pass ceiling of each network and post-processing on realistic labels.
 Measured, never asserted: the machine is shared, timings are noisy.
 """
 import argparse, json, os, subprocess, sys, tempfile, time, warnings
@@ -160,6 +163,8 @@ def main():
     ap.add_argument('--big', type=int, default=1000)
     ap.add_argument('--no-big', action='store_true')
     ap.add_argument('--workdir', default=None)
+    ap.add_argument('--big-model', default=None, help="trained model folder for the --big runs (e.g. `liver-seg demo OUT`'s OUT/model): realistic post-processing")
+    ap.add_argument('--no-small', action='store_true', help='skip the comparison with the seed (only the --big memory runs)')
     a = ap.parse_args()
     import torch
     from liver_seg.model import build_model, default_config, save_model_folder
@@ -180,13 +185,29 @@ def main():
     model_dir = save_model_folder(build_model(cfg), cfg, work/'model', force=True)
     other_dir = save_model_folder(build_model(cfg_other), cfg_other, work/'model_other', force=True)
     bottle_dir = save_model_folder(build_model(cfg_bottle), cfg_bottle, work/'model_bottle', force=True)
+    if not a.no_small: compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc)
+    if not a.no_big:
+        big = write_volume(work/'big.nii.gz', a.big, tile=50)
+        big_model = a.big_model or model_dir
+        print(f"\nours on 512 x 512 x {a.big} int16 (the int16 input alone is {512*512*a.big*2/2**20:.0f} MB), model {big_model}"
+              f"{'' if a.big_model else ' (untrained: noise, the worst case for post-processing)'}:")
+        for extra in ([], ['--no-postprocess']):
+            w, rss, _ = measured(['liver-seg', 'predict', big_model, big, work/'big_pred.nii.gz', '--force', *extra])
+            print(f"  liver-seg predict {' '.join(extra):18s} {w:5.0f} s ({a.big/w:.1f} slices/s), peak RSS {rss:.0f} MB ({rss/1024:.2f} GB)")
+            if not extra:
+                import nibabel as nib
+                lab = np.asarray(nib.load(str(work/'big_pred.nii.gz')).dataobj)
+                print(f"    predicted foreground: {(lab > 0).mean():.1%} of the voxels")
+
+
+def compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc):
+    "The seed's way against ours on the --slices volume, each in a child process, and the ceiling"
     nii = write_volume(work/'volume.nii.gz', a.slices)
     pkl_dir = work/'seed'
     r = subprocess.run(child('make_seed_learner', str(pkl_dir), str(a.size)), capture_output=True, text=True)
     if r.returncode: sys.exit(f"making the seed's learner.pkl failed:\n{r.stderr[-3000:]}")
     pkl = pkl_dir/'learner.pkl'
     print(f"volume 512 x 512 x {a.slices} int16, resnet34 U-Net at {a.size} px (untrained), ours precision {prec}")
-
     rows = []
     w, rss, out = measured(child('seed_predict', str(pkl), str(nii)))
     inner, shape = json.loads(out.strip().splitlines()[-1])
@@ -214,13 +235,6 @@ def main():
     print(f"last_cross=False without post-processing: end to end {seed_w/rows[5][1]:.1f}x, timed region {seed_in/rows[5][2]:.1f}x")
     realistic_postprocess(a.slices)
     ceiling(a.size, a.slices, seed_in, rows, prec, [model_dir, bottle_dir, other_dir])
-
-    if not a.no_big:
-        big = write_volume(work/'big.nii.gz', a.big, tile=50)
-        print(f"\nours on 512 x 512 x {a.big} int16 (the int16 input alone is {512*512*a.big*2/2**20:.0f} MB):")
-        for extra in ([], ['--no-postprocess']):
-            w, rss, _ = measured(['liver-seg', 'predict', model_dir, big, work/'big_pred.nii.gz', '--force', *extra])
-            print(f"  liver-seg predict {' '.join(extra):18s} {w:5.0f} s ({a.big/w:.1f} slices/s), peak RSS {rss:.0f} MB ({rss/1024:.2f} GB)")
 
 
 if __name__ == '__main__': main()
