@@ -360,6 +360,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
     from liver_seg import __version__
     out = Path(out)
     if loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
+    if crop is not None and not 0 < crop <= size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({size}); got {crop}")
     if fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {fit!r}: use one_cycle or fine_tune")
     if out.exists() and not force: raise LiverSegError(out, "exists; use --force to overwrite")
     if resume and fit != 'one_cycle': raise LiverSegError('--resume', "continues one-cycle runs only (fit='one_cycle')")

@@ -341,6 +341,11 @@ def _(t, d):
     data = slice_folder(t/'data')
     return S(['train', data, '--out', t/'model', *FAST, '--resume'], t/'model', r'nothing to resume', t/'model')
 
+@case('train-crop-larger-than-size')
+def _(t, d):
+    data = slice_folder(t/'data'); cfg = t/'crop.yaml'; cfg.write_text('crop: 64\n')  # --size 32 in FAST
+    return S(['train', data, '--out', t/'model', *FAST, '--config', cfg], '--crop', r'patch side', t/'model')
+
 @case('train-failing-write')
 def _(t, d):
     data = slice_folder(t/'data')
