@@ -12,6 +12,7 @@ from liver_seg.data import CaseSplitter, seg_dataloaders, toy_slice_folder
 from liver_seg.io import LiverSegError
 from liver_seg.model import load_model_folder
 from liver_seg.train import train, load_train_config
+from fastai.layers import ResBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent/'shared'/'data'/'ct-slices'
@@ -163,28 +164,27 @@ def test_kill_9_leaves_no_model_folder_and_resume_finishes(toy, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ['config.json', 'history.csv', 'learner.pkl', 'learning_curves.png', 'weights.safetensors']
 
 
-def test_last_cross_off_is_saved_and_reloads(toy, tmp_path):
-    "last_cross=False builds the lighter U-Net, says so in config.json, and the folder reloads to that network"
+@pytest.fixture(scope='module')
+def default_unet(toy, tmp_path_factory):
+    "A folder trained with fastai's default U-Net options (resnet18, 32 px, 1 epoch)"
+    return train(toy, tmp_path_factory.mktemp('unet')/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'],
+                 pretrained=False, progress=False)
+
+
+@pytest.mark.parametrize('option', [{'last_cross': False}, {'bottle': True}])
+def test_lighter_unet_option_is_saved_and_reloads(toy, tmp_path, default_unet, option):
+    "last_cross=False / bottle=True build a lighter U-Net, say so in config.json, and the folder reloads to that network"
     m = train(toy, tmp_path/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'], pretrained=False,
-              progress=False, last_cross=False)
+              progress=False, **option)
     cfg = json.loads((m/'config.json').read_text())
-    assert cfg['arch_kwargs'] == {'last_cross': False} and cfg['recipe']['last_cross'] is False
-    net, _ = load_model_folder(m)
-    full = load_model_folder(train(toy, tmp_path/'full', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'],
-                                   pretrained=False, progress=False))[0]
+    (k, v), = option.items()
+    assert cfg['arch_kwargs'] == option and cfg['recipe'][k] is v
+    assert json.loads((default_unet/'config.json').read_text()).get('arch_kwargs') is None # fastai's defaults are not written
+    net, full = load_model_folder(m)[0], load_model_folder(default_unet)[0] # strict loading: weights fit the rebuilt network
     assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters())
-    assert json.loads((tmp_path/'full'/'config.json').read_text()).get('arch_kwargs') is None # fastai's defaults are not written
-
-
-def test_bottle_is_saved_and_reloads_to_the_halved_block(toy, tmp_path):
-    "bottle=True halves the channels of the full-resolution ResBlock, is kept in config.json, and reloads to that network"
-    m = train(toy, tmp_path/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'], pretrained=False,
-              progress=False, bottle=True)
-    cfg = json.loads((m/'config.json').read_text())
-    assert cfg['arch_kwargs'] == {'bottle': True} and cfg['recipe']['bottle'] is True
-    net, _ = load_model_folder(m)
-    convs = [c for c in net.layers[-3].modules() if isinstance(c, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs[:2]] == [net.layers[-3].convpath[0][0].in_channels // 2] * 2
+    block = net.layers[-3] # the full-resolution ResBlock: halved by bottle, gone without last_cross
+    halved = isinstance(block, ResBlock) and block.convpath[0][0].out_channels == block.convpath[0][0].in_channels // 2
+    assert halved == (k == 'bottle')
 
 
 def test_crop_trains_on_patches_and_predicts_whole_slices(toy, tmp_path):
