@@ -144,12 +144,11 @@ def ceiling(size, n, seed_inner, rows, prec, dirs):
     r32, r16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     rate = r16 if prec == 'bf16' else r32
     print(f"\nceiling: matmul (2048^2, best of 6) fp32 {r32/1e9:.0f} GFLOP/s, bf16 {r16/1e9:.0f} GFLOP/s ({r16/r32:.1f}x)")
-    f_seed = flops_per_slice(size)[0]
-    print(f"  seed (fp32, default network): {f_seed/1e9:.2f} GFLOP/slice forward -> its network alone needs >= {n*f_seed/r32:.1f} s "
-          f"per {n} slices at the fp32 ceiling; measured {seed_inner:.1f} s for everything")
     for (name, kw, inner), d in zip([('default network', {}, rows[2][2]), ('bottle=True', {'bottle': True}, rows[4][2]),
                                      ('last_cross=False', {'last_cross': False}, rows[3][2])], dirs):
         f = flops_per_slice(size, **kw)[0]
+        if not kw: print(f"  seed (fp32, default network): {f/1e9:.2f} GFLOP/slice forward -> its network alone needs >= "
+                         f"{n*f/r32:.1f} s per {n} slices at the fp32 ceiling; measured {seed_inner:.1f} s for everything")
         best, net = n*f/rate, network_seconds(d, n, size)
         print(f"  ours, {name} ({prec}): {f/1e9:.2f} GFLOP/slice forward -> >= {best:.1f} s per {n} slices at the ceiling; "
               f"network measured {net:.1f} s ({f*n/net/rate:.0%} of the ceiling) of {inner:.1f} s for everything; "
