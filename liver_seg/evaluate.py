@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/evaluate.html.md"""
 
 # %% ../nbs/10_evaluate.ipynb #c3d220c7
 from __future__ import annotations
-import math
+import math, sys
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
@@ -15,7 +15,8 @@ from .io import (LiverSegError, atomic_path, read_labels, read_mask, parse_slice
 from .postprocess import mask_bbox
 
 # %% auto #0
-__all__ = ['overlap_metrics', 'surface_distances', 'distance_metrics', 'lesion_counts', 'case_metrics', 'global_dice', 'evaluate']
+__all__ = ['HD95_CONVENTIONS', 'overlap_metrics', 'surface_distances', 'distance_metrics', 'lesion_counts', 'case_metrics',
+           'global_dice', 'summary', 'evaluate']
 
 # %% ../nbs/10_evaluate.ipynb #eb4edb0a
 def _ratio(num, den, both_empty):
@@ -38,6 +39,9 @@ def overlap_metrics(pred, # boolean predicted mask
 # %% ../nbs/10_evaluate.ipynb #dc48e920
 _FACES = ndi.generate_binary_structure(3, 1)
 
+HD95_CONVENTIONS = dict(pooled="95th percentile of both directions' surface distances together (MedPy's hd95)",
+                        monai="larger of the two directed 95th percentiles (MONAI's compute_hausdorff_distance)")
+
 def surface_distances(pred, # boolean mask (3D)
                       gt, # boolean mask, same shape
                       spacing=(1., 1., 1.) # voxel size in mm along each axis
@@ -51,13 +55,20 @@ def surface_distances(pred, # boolean mask (3D)
     d_gp = ndi.distance_transform_edt(~sp, sampling=spacing)[sg]
     return d_pg, d_gp
 
-def distance_metrics(pred, gt, spacing=(1., 1., 1.)) -> dict:
+def distance_metrics(pred, # boolean mask (3D)
+                     gt, # boolean mask, same shape
+                     spacing=(1., 1., 1.), # voxel size in mm along each axis
+                     hd95:str='pooled' # HD95 convention, a key of `HD95_CONVENTIONS`: 'pooled' or 'monai'
+                    ) -> dict:
     "ASSD and HD95 in mm (0 when both masks are empty, NaN when one is)"
+    if hd95 not in HD95_CONVENTIONS: raise ValueError(f"unknown HD95 convention {hd95!r}: use {' or '.join(HD95_CONVENTIONS)}")
     np_, ng = pred.any(), gt.any()
     if not np_ and not ng: return dict(assd_mm=0., hd95_mm=0.)
     if not np_ or not ng: return dict(assd_mm=math.nan, hd95_mm=math.nan)
-    d = np.concatenate(surface_distances(pred, gt, spacing))
-    return dict(assd_mm=float(d.mean()), hd95_mm=float(np.percentile(d, 95)))
+    d_pg, d_gp = surface_distances(pred, gt, spacing)
+    d = np.concatenate([d_pg, d_gp])
+    hd = np.percentile(d, 95) if hd95 == 'pooled' else max(np.percentile(d_pg, 95), np.percentile(d_gp, 95))
+    return dict(assd_mm=float(d.mean()), hd95_mm=float(hd))
 
 # %% ../nbs/10_evaluate.ipynb #409beb27
 _CUBE = np.ones((3, 3, 3), bool)
@@ -78,7 +89,8 @@ def lesion_counts(pred, # boolean predicted tumour mask
 # %% ../nbs/10_evaluate.ipynb #3da954fa
 def case_metrics(pred, # predicted labels (X, Y, Z): 0 background, 1 liver, 2 tumour
                  gt, # true labels, same shape
-                 spacing=(1., 1., 1.) # voxel size in mm
+                 spacing=(1., 1., 1.), # voxel size in mm
+                 hd95:str='pooled' # HD95 convention: 'pooled' or 'monai' (`HD95_CONVENTIONS`)
                 ) -> dict:
     "LiTS metrics of one case for `liver` (labels 1 and 2) and `tumor` (label 2), with lesion detection counts"
     pred, gt = np.asarray(pred), np.asarray(gt)
@@ -88,7 +100,7 @@ def case_metrics(pred, # predicted labels (X, Y, Z): 0 background, 1 liver, 2 tu
     ml = float(np.prod(spacing)) / 1000
     res = {}
     for name, (p, g) in dict(liver=(pred > 0, gt > 0), tumor=(pred == 2, gt == 2)).items():
-        m = overlap_metrics(p, g) | distance_metrics(p, g, spacing)
+        m = overlap_metrics(p, g) | distance_metrics(p, g, spacing, hd95)
         m |= dict(volume_ml=np.count_nonzero(p) * ml, volume_ml_gt=np.count_nonzero(g) * ml)
         res |= {f'{name}_{k}': v for k, v in m.items()}
     res |= {f'tumor_{k}': v for k, v in lesion_counts(pred == 2, gt == 2).items()}
@@ -165,6 +177,11 @@ def global_dice(df, name:str) -> float:
     both = df[f'{name}_volume_ml'] + df[f'{name}_volume_ml_gt']
     return float((df[f'{name}_dice'] * both).sum() / both.sum()) if both.sum() > 0 else 1.
 
+def summary(df) -> str:
+    "One line about a table from `evaluate`: its global Dice, number of cases and HD95 convention"
+    g = df.attrs['global_dice']
+    return f"global Dice: liver {g['liver']:.4f}, tumor {g['tumor']:.4f} ({len(df)} cases; HD95 {df.attrs['hd95']})"
+
 def _report(df, note, pred, gt):
     import pandas as pd
     show = df[_SHOW].copy()
@@ -172,9 +189,12 @@ def _report(df, note, pred, gt):
     show.loc[len(show)] = {'case': 'mean', **mean.to_dict()}
     with pd.option_context('display.width', 200, 'display.max_columns', 30, 'display.float_format', '{:.4g}'.format):
         print(show.to_string(index=False))
-    print(f"global Dice: liver {df.attrs['global_dice']['liver']:.4f}, tumor {df.attrs['global_dice']['tumor']:.4f}"
-          f"  ({len(df)} cases; PRED {pred}, GT {gt})")
-    nan = df.drop(columns='case').isna().any(axis=1).sum()
+    print(f"{summary(df)}; PRED {pred}, GT {gt}")
+    c = df.attrs['hd95']
+    print(f"HD95 convention {c}: {HD95_CONVENTIONS[c]}")
+    for k, v in HD95_CONVENTIONS.items():
+        if k != c: print(f"  other convention, {k}: {v}")
+    nan = df.drop(columns=['case', 'hd95_convention']).isna().any(axis=1).sum()
     if nan: print(f"NaN: undefined because one mask is empty ({nan} cases); left out of the means")
     for n in note: print(n)
 
@@ -183,10 +203,12 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
              gt, # ground truth in the same layout
              csv=None, # write the per-case table here (CSV)
              force:bool=False, # overwrite an existing `csv`
-             verbose:bool=True # print the table, the means and the global Dice
+             verbose:bool=True, # print the table, the means and the global Dice
+             hd95:str='pooled' # HD95 convention: 'pooled' or 'monai' (`HD95_CONVENTIONS`)
             ):
     "Per-case LiTS metrics of predictions against ground truth, as a DataFrame (one row per case)"
     import pandas as pd
+    if hd95 not in HD95_CONVENTIONS: raise LiverSegError('--hd95', f"unknown convention {hd95!r}; use {' or '.join(HD95_CONVENTIONS)}")
     pred, gt = Path(pred), Path(gt)
     for p in (pred, gt):
         if not p.exists(): raise LiverSegError(p, "no such file or folder")
@@ -220,20 +242,17 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
         if not jobs: raise LiverSegError(pred, f"no case in common with {gt}")
     else: raise LiverSegError(pred, f"PRED and GT must both be files or both be folders ({gt} is not the same kind)")
     rows = []
-    bar = verbose and len(jobs) > 1
-    if bar:
-        from fastprogress.fastprogress import progress_bar
-        jobs = progress_bar(jobs, leave=False)
+    if verbose and len(jobs) > 1 and sys.stderr.isatty(): # a bar on a terminal only, never in the table's stream
+        from tqdm import tqdm
+        jobs = tqdm(jobs, desc='evaluate', unit='case', leave=False)
     for case, load in jobs:
         p, g, sp = load()
-        rows.append({'case': case, **case_metrics(p, g, sp)})
-    if bar: print()  # the console bar leaves its line unterminated
+        rows.append({'case': case, **case_metrics(p, g, sp, hd95), 'hd95_convention': hd95})
     df = pd.DataFrame(rows)
     df.attrs['global_dice'] = {n: global_dice(df, n) for n in ('liver', 'tumor')}
+    df.attrs['hd95'] = hd95
     if verbose: _report(df, note, pred, gt)
     if csv is not None:
         with atomic_path(csv, force) as tmp: df.to_csv(tmp, index=False)
         if verbose: print(f"wrote {csv}")
     return df
-
-
