@@ -24,10 +24,10 @@ def flow(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('flow')
     make_phantom_dataset(tmp/'lits', n_cases=3, kind='lits', seed=3, **PH)
     r = run('prepare', tmp/'lits', tmp/'slices', '--format', 'png')
-    assert 'manifest' in r.stdout
+    assert r.stdout.startswith('prepared 36 slices of 3 cases (') and 'manifest' in r.stdout
     r = run('train', tmp/'slices', '--out', tmp/'model', '--arch', 'resnet18', '--size', 64, '--epochs', 1,
-            '--bs', 8, '--no-pretrained', '--valid-cases', 'volume-2')
-    assert str(tmp/'model') in r.stdout
+            '--bs', 8, '--no-pretrained', '--valid-cases', 'volume-2', '-q')
+    assert r.stdout == f"model folder: {tmp/'model'}\n"   # -q: no bars, no epoch table
     return tmp
 
 def test_prepare_manifest_counts_every_voxel(flow):
@@ -112,7 +112,8 @@ def test_folder_of_volumes_two_workers_equal_one_and_parts(flow):
     before = (parts/names[1]).read_bytes()
     r = run('predict', flow/'model', flow/'lits', parts, '--part', '2/2', ok=False)
     assert r.returncode == 2 and 'exists' in r.stderr and (parts/names[1]).read_bytes() == before
-    run('evaluate', one, flow/'lits', '--csv', flow/'many.csv')   # segmentation-N paired with the LiTS folder's truth
+    r = run('evaluate', one, flow/'lits', '--csv', flow/'many.csv')   # segmentation-N paired with the LiTS folder's truth
+    assert r.stdout.startswith('case ')   # no progress-bar characters before the table
     assert list(pd.read_csv(flow/'many.csv')['case'].astype(str)) == ['0', '1', '2']
 
 def test_kill_9_during_predict_leaves_no_output(flow, tmp_path):
@@ -139,14 +140,94 @@ def test_existing_output_is_kept_without_force(flow):
     run('predict', flow/'model', flow/'lits'/'volume-0.nii.gz', out, '--force')
     assert read_labels(out).shape == PH['shape']
 
-def test_demo_runs_end_to_end_small(tmp_path):
-    "The demo's flow at a tiny size: a report with finite metrics, figures and the paths it wrote"
-    from liver_seg.demo import run_demo
-    report = run_demo(tmp_path/'demo', progress=False, n_train=2, shape=(64, 64, 8), size=64, epochs=1, bs=4,
-                      arch='resnet18')
+def test_demo_runs_end_to_end_small(tmp_path, monkeypatch, capsys):
+    "`liver-seg demo -q` at a tiny size: one line naming the report; a report with finite metrics, figures and the paths it wrote"
+    from liver_seg import demo
+    from liver_seg.cli import main
+    for k, v in dict(n_train=2, shape=(64, 64, 8), size=64, epochs=1, bs=4, arch='resnet18').items():
+        monkeypatch.setitem(demo.DEMO_RECIPE, k, v)   # the command's recipe, at a tiny size
+    assert main(['demo', '--out', str(tmp_path/'demo'), '-q']) == 0
+    out = capsys.readouterr().out
+    assert out.count('\n') == 1 and out.startswith('report: ')
+    report = tmp_path/'demo'/'report.md'
     m = pd.read_csv(tmp_path/'demo'/'metrics.csv')
     assert math.isfinite(m.liver_dice[0]) and math.isfinite(m.liver_volume_ml_gt[0])
     text = report.read_text()
     assert 'Held-out liver Dice' in text and 'montage_liver.png' in text
     for png in ('montage_liver.png', 'montage_tumor.png', 'learning_curves.png'):
         assert (tmp_path/'demo'/png).stat().st_size > 1000
+
+
+# --- help that tells the truth, -q, and the HD95 conventions -------------------------------------------------------
+
+COMMANDS = ['prepare', 'train', 'predict', 'evaluate', 'demo']
+
+def option_help(help_text, flag):
+    "The help of `flag` in an argparse help text, its continuation lines joined"
+    lines = help_text.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.strip().startswith(flag + ' ') or l.strip() == flag)
+    out = [lines[i].strip()[len(flag):].strip()]
+    for l in lines[i+1:]:
+        if not l.startswith(' ' * 8) or l.strip().startswith('-'): break
+        out.append(l.strip())
+    return ' '.join(out).replace('- ', '-')   # argparse may wrap a line after a hyphen
+
+@pytest.mark.parametrize('cmd', COMMANDS)
+def test_help_shows_value_names_and_quiet(cmd):
+    "No fastcore type placeholders, no `(default: True)` on a flag that turns something off, and -q everywhere"
+    h = run(cmd, '-h').stdout
+    for bad in ('(str)', '(int)', '(float)', '(default: True)'): assert bad not in h, f"{cmd} -h shows {bad}"
+    assert '-q, --quiet' in h and 'only the' in option_help(h, '-q, --quiet')
+
+def test_negated_flags_describe_what_they_do():
+    pre = option_help(run('train', '-h').stdout, '--no-pretrained')
+    assert 'from scratch' in pre and 'default' not in pre
+    post = option_help(run('predict', '-h').stdout, '--no-postprocess')
+    assert 'without the post-processing' in post and 'default' not in post
+
+def test_train_out_is_required(tmp_path):
+    h = run('train', '-h').stdout
+    usage = ' '.join(h.split('\n\n')[0].split())
+    assert ' --out MODEL_DIR ' in usage and '[--out' not in usage   # required: no brackets
+    r = run('train', tmp_path, ok=False)
+    assert r.returncode == 2 and 'required' in r.stderr and '--out' in r.stderr and not (tmp_path/'model').exists()
+
+def test_quiet_prints_only_the_last_line(flow, tmp_path):
+    "-q: prepare, predict and evaluate print one line and nothing on stderr (train -q is run by the `flow` fixture)"
+    r = run('prepare', flow/'lits', tmp_path/'slices', '--format', 'png', '-q')
+    assert r.stdout.count('\n') == 1 and r.stdout.startswith('prepared 36 slices of 3 cases') and r.stderr == ''
+    r = run('predict', flow/'model', flow/'lits', tmp_path/'pred', '-q')
+    assert r.stdout == f"prediction: {tmp_path/'pred'}\n" and r.stderr == ''
+    r = run('evaluate', tmp_path/'pred', flow/'lits', '-q', '--csv', tmp_path/'m.csv')
+    assert r.stdout.count('\n') == 1 and r.stdout.startswith('global Dice') and '(3 cases; HD95 pooled)' in r.stdout
+    r = run('evaluate', tmp_path/'pred', flow/'lits')
+    assert r.stdout.count('\n') > 5   # without -q: the table
+
+def directed_distances(a, b, spacing):
+    "Distances in mm from each surface voxel of `a` to the nearest surface voxel of `b` (scipy's distance transform)"
+    from scipy import ndimage as ndi
+    faces = ndi.generate_binary_structure(3, 1)
+    surf = lambda m: m & ~ndi.binary_erosion(m, faces)
+    return ndi.distance_transform_edt(~surf(b), sampling=spacing)[surf(a)]
+
+def test_evaluate_hd95_conventions(tmp_path):
+    "A liver predicted with a stray blob: pooled HD95 does not see it, MONAI's does; output and CSV name the convention"
+    import nibabel as nib
+    g = np.ogrid[:40, :40, :30]
+    truth = ((g[0] - 15) ** 2 + (g[1] - 15) ** 2 + (g[2] - 12) ** 2 <= 64)
+    pred = truth.copy(); pred[30:34, 30:34, 20:24] = True
+    spacing = (0.8, 0.8, 2.0)
+    for name, m in (('gt', truth), ('pred', pred)):
+        nib.save(nib.Nifti1Image(m.astype(np.uint8), np.diag([*spacing, 1.])), str(tmp_path/f'{name}.nii.gz'))
+    d_pg, d_gp = directed_distances(pred, truth, spacing), directed_distances(truth, pred, spacing)
+    want = dict(pooled=np.percentile(np.concatenate([d_pg, d_gp]), 95),
+                monai=max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+    assert want['pooled'] == 0 and want['monai'] > 10
+    for conv, extra in (('pooled', []), ('monai', ['--hd95', 'monai'])):
+        r = run('evaluate', tmp_path/'pred.nii.gz', tmp_path/'gt.nii.gz', '--csv', tmp_path/f'{conv}.csv', *extra)
+        assert f'HD95 convention {conv}:' in r.stdout
+        df = pd.read_csv(tmp_path/f'{conv}.csv')
+        assert 'hd95_convention' in df.columns and list(df['hd95_convention']) == [conv]
+        assert math.isclose(df.liver_hd95_mm[0], want[conv], rel_tol=1e-6, abs_tol=1e-9)   # NIfTI stores the spacing as float32
+    r = run('evaluate', tmp_path/'pred.nii.gz', tmp_path/'gt.nii.gz', '--hd95', 'max', ok=False)
+    assert r.returncode == 2 and 'pooled' in r.stderr and 'monai' in r.stderr
