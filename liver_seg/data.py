@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .io import LiverSegError, find_slice_pairs, read_image, read_mask, decode_mask, case_sort_key
+from .io import LiverSegError, ORIENTATION, find_slice_pairs, read_image, read_mask, decode_mask, case_sort_key
 
 # %% auto #0
 __all__ = ['toy_slice_folder', 'mask_encoding', 'slice_items', 'SliceImage', 'SliceMask', 'CaseSplitter', 'data_stats',
@@ -184,6 +184,9 @@ def input_spec(path, context:int=0):
         spec['kind'] = 'hu_windows'
         try: s = json.loads(settings.read_text()) if settings.exists() else {}
         except ValueError: raise LiverSegError(settings, "not valid JSON") from None
+        if settings.exists() and s.get('orientation') != ORIENTATION:
+            raise LiverSegError(settings, f"slices exported in orientation {s.get('orientation', 'of the file voxel order')!r}, "
+                                f"not the canonical {ORIENTATION!r} of this liver_seg: run `liver-seg prepare` again")
         if s.get('windows'): spec['windows'] = [list(w) for w in s['windows']]
         if 'freqhist' in s: spec['freqhist'] = bool(s['freqhist'])
         if context: raise LiverSegError(path, "2.5D input (context=1) needs gray slice images; prepared slices already hold 3 windowed channels")

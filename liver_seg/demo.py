@@ -90,9 +90,9 @@ def run_demo(out='liver_seg_demo', # folder for the data, model, prediction and 
     say("evaluating against its true labels")
     metrics = evaluate(pred, test_seg, csv=out/'metrics.csv', verbose=progress)
     vol, gt, pr = read_nifti(test_vol), read_labels(test_seg).array, read_labels(pred).array
-    plot_montage(vol.array, gt, pred=pr, n=8, cls='liver', title='held-out phantom: liver, predicted vs true',
+    plot_montage(vol, gt, pred=pr, n=8, cls='liver', title='held-out phantom: liver, predicted vs true',
                  save=out/'montage_liver.png')
-    plot_montage(vol.array, gt, pred=pr, n=8, cls='tumor', title='held-out phantom: tumour, predicted vs true',
+    plot_montage(vol, gt, pred=pr, n=8, cls='tumor', title='held-out phantom: tumour, predicted vs true',
                  save=out/'montage_tumor.png')
     plot_history(model/'history.csv', title='learning curves', save=out/'learning_curves.png')
     row = metrics.iloc[0]

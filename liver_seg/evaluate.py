@@ -10,7 +10,7 @@ import math, sys
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
-from .io import (LiverSegError, atomic_path, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
+from .io import (LiverSegError, to_canonical, atomic_path, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
                           nifti_stem, case_key, case_sort_key)
 from .postprocess import mask_bbox
 
@@ -142,12 +142,13 @@ def _read_nifti_labels(p:Path):
     return vol
 
 def _nifti_case(pp:Path, gp:Path) -> tuple:
-    "(pred, gt, spacing) of a pair of NIfTI files on the same voxel grid"
+    "(pred, gt, spacing) of a pair of NIfTI files on the same voxel grid (each file in any voxel order), in canonical order"
     pv, gv = _read_nifti_labels(pp), _read_nifti_labels(gp)
-    if pv.shape != gv.shape: raise LiverSegError(pp, f"shape {pv.shape} differs from the ground truth's {gv.shape} ({gp.name})")
-    if not np.allclose(pv.affine, gv.affine, atol=1e-3, rtol=0):
+    pc, gc = to_canonical(pv), to_canonical(gv)
+    if pc.shape != gc.shape: raise LiverSegError(pp, f"shape {pv.shape} differs from the ground truth's {gv.shape} ({gp.name})")
+    if not np.allclose(pc.affine, gc.affine, atol=1e-3, rtol=0):
         raise LiverSegError(pp, f"affine differs from the ground truth's ({gp.name}): not the same voxel grid")
-    return pv.array, gv.array, gv.spacing
+    return pc.array, gc.array, gc.spacing
 
 def _stack(paths:dict):
     "Slices (in slice order) of one case as an H x W x N label volume"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv, io, json, os, re, shutil
 from pathlib import Path
 import numpy as np
-from .io import LiverSegError, read_chaos_case, open_nifti
+from .io import LiverSegError, CTVolume, ORIENTATION, read_chaos_case, open_nifti, canonical_ornt, to_canonical
+from nibabel.orientations import apply_orientation
 from .windows import get_windows, display_channels, display_stack
 
 # %% auto #0
@@ -64,16 +65,39 @@ def _open_nifti(path:Path):
     "A NIfTI image kept open for block reads (no mmap: RSS holds blocks, not the file), and its 3D shape"
     return open_nifti(path, mmap=False, keep_file_open=True)
 
+def _slice_axis(img) -> tuple:
+    "(file axis that becomes the canonical slice axis, True if it runs the other way, canonical 3D shape)"
+    t = canonical_ornt(img.affine)
+    ax = int(np.flatnonzero(t[:, 0] == 2)[0])
+    shape = tuple(int(img.shape[int(np.flatnonzero(t[:, 0] == c)[0])]) for c in range(3))
+    return ax, bool(t[ax, 1] < 0), shape
+
 def _read_range(img, path:Path, k0:int, k1:int) -> np.ndarray:
-    "Slices k0:k1 (X x Y x n): integers as stored when unscaled, else float32"
+    "Canonical slices k0:k1 (X x Y x n, a view): integers as stored when unscaled, else float32"
+    ax, flipped, _ = _slice_axis(img)
+    n = img.shape[ax]
+    idx = [slice(None)] * 3
+    idx[ax] = slice(n - k1, n - k0) if flipped else slice(k0, k1)
     try:
-        a = np.asarray(img.dataobj[(slice(None), slice(None), slice(k0, k1)) + (0,)*(len(img.shape) - 3)])
+        a = np.asarray(img.dataobj[tuple(idx) + (0,)*(len(img.shape) - 3)])
+        a = apply_orientation(a, canonical_ornt(img.affine))
     except Exception as e:
         raise LiverSegError(path, f"cannot read voxel data, file truncated or corrupt ({type(e).__name__}: {e})") from None
     if a.dtype.kind in 'iu': return a
     a = a.astype(np.float32, copy=False)
     if not np.isfinite(a).all(): raise LiverSegError(path, f"{int((~np.isfinite(a)).sum())} voxels of slices {k0}-{k1-1} are NaN or infinite")
     return a
+
+def _check_pair(vimg, limg, case:dict):
+    "Refuse a segmentation whose shape or voxel order differs from its volume's"
+    shape, lshape = tuple(vimg.shape[:3]), tuple(limg.shape[:3])
+    if lshape != shape:
+        raise LiverSegError(case['labels'], f"segmentation has shape {lshape}, volume {Path(case['volume']).name} has {shape}")
+    import nibabel as nib
+    vcodes, lcodes = nib.aff2axcodes(vimg.affine), nib.aff2axcodes(limg.affine)
+    if vcodes != lcodes:
+        raise LiverSegError(case['labels'], f"segmentation's voxel order is {''.join(lcodes)}, volume "
+                            f"{Path(case['volume']).name}'s is {''.join(vcodes)}: not the same voxel grid")
 
 def _check_labels(a:np.ndarray, path) -> np.ndarray:
     "uint8 labels from a block, refusing anything but 0, 1, 2"
@@ -93,13 +117,12 @@ def case_blocks(case:dict,      # a case from `find_cases`
     ks = list(ks); todo = set(ks) if todo is None else set(todo)
     if case['kind'] == 'chaos':
         vol, labels = case.pop('_read', None) or read_chaos_case(case['folder'])
-        hu, src = vol.array, lambda k0, k1: (vol.array[:, :, k0:k1], labels[:, :, k0:k1])
-        shape = hu.shape
+        hu, lab = to_canonical(vol).array, to_canonical(CTVolume(labels, vol.affine)).array
+        src = lambda k0, k1: (hu[:, :, k0:k1], lab[:, :, k0:k1])
     else:
-        vimg, shape = _open_nifti(Path(case['volume']))
-        limg, lshape = _open_nifti(Path(case['labels']))
-        if lshape != shape:
-            raise LiverSegError(case['labels'], f"segmentation has shape {lshape}, volume {Path(case['volume']).name} has {shape}")
+        vimg, _ = _open_nifti(Path(case['volume']))
+        limg, _ = _open_nifti(Path(case['labels']))
+        _check_pair(vimg, limg, case)
     for b in range(0, len(ks), block):
         kb = ks[b:b+block]
         k0, k1 = kb[0], kb[-1] + 1
@@ -158,7 +181,7 @@ _BLOCK = 16
 def _settings(fmt, windows, every) -> dict:
     from liver_seg import __version__
     return dict(format=fmt, windows=[list(w) for w in windows], freqhist=True, every=every,
-                jpeg_quality=JPEG_QUALITY if fmt == 'jpg' else None, orientation='display (np.rot90 of arr[:, :, k])',
+                jpeg_quality=JPEG_QUALITY if fmt == 'jpg' else None, orientation=ORIENTATION,
                 liver_seg=__version__)
 
 def _start_output(out:Path, settings:dict, force:bool):
@@ -173,7 +196,7 @@ def _start_output(out:Path, settings:dict, force:bool):
     if sfile.exists() and not force:
         try: old = json.loads(sfile.read_text())
         except ValueError: old = {}
-        for k in ('format', 'windows'):
+        for k in ('format', 'windows', 'orientation'):
             if old.get(k) != settings[k]:
                 raise LiverSegError(out, f"an interrupted export with {k}={old.get(k)} is here, this one has "
                                          f"{k}={settings[k]}; use --force to start again")
@@ -185,7 +208,7 @@ def _start_output(out:Path, settings:dict, force:bool):
 
 def _n_slices(case) -> int:
     "Number of slices of a case, from the NIfTI header or the DICOM files"
-    if case['kind'] == 'lits': return _open_nifti(Path(case['volume']))[1][2]
+    if case['kind'] == 'lits': return _slice_axis(_open_nifti(Path(case['volume']))[0])[2][2]
     if '_read' not in case: case['_read'] = read_chaos_case(case['folder'])  # small: kept for `case_blocks`
     return case['_read'][0].shape[2]
 
@@ -203,9 +226,7 @@ def _check_cases(cases):
     "Fail fast, before OUT is touched: every LiTS volume and segmentation opens as 3D and their shapes agree"
     for c in cases:
         if c['kind'] != 'lits': continue
-        shape, lshape = _open_nifti(Path(c['volume']))[1], _open_nifti(Path(c['labels']))[1]
-        if lshape != shape:
-            raise LiverSegError(c['labels'], f"segmentation has shape {lshape}, volume {Path(c['volume']).name} has {shape}")
+        _check_pair(_open_nifti(Path(c['volume']))[0], _open_nifti(Path(c['labels']))[0], c)
 
 def _pool(workers):
     "Worker processes started from a clean server (forkserver), not forked from a process holding volumes"

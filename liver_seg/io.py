@@ -15,10 +15,10 @@ import numpy as np
 import nibabel as nib
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'LiverSegError', 'atomic_path', 'CTVolume', 'open_nifti', 'read_nifti', 'read_labels', 'write_labels',
-           'to_display', 'from_display', 'find_dicom_files', 'read_dicom_series', 'parse_slice_name', 'decode_mask',
-           'read_image', 'read_mask', 'case_sort_key', 'nifti_stem', 'case_key', 'find_slice_pairs',
-           'read_slice_volume', 'read_chaos_case']
+__all__ = ['CANONICAL', 'ORIENTATION', 'IMAGE_EXTS', 'LiverSegError', 'atomic_path', 'CTVolume', 'open_nifti', 'read_nifti',
+           'read_labels', 'write_labels', 'find_dicom_files', 'read_dicom_series', 'canonical_ornt', 'to_canonical',
+           'from_canonical', 'to_display', 'from_display', 'parse_slice_name', 'decode_mask', 'read_image', 'read_mask',
+           'case_sort_key', 'nifti_stem', 'case_key', 'find_slice_pairs', 'read_slice_volume', 'read_chaos_case']
 
 # %% ../nbs/00_io.ipynb #4d5845de
 class LiverSegError(Exception):
@@ -180,15 +180,6 @@ def write_labels(labels:np.ndarray, # label volume in the input's voxel order, v
     with atomic_path(path, force) as tmp: nib.save(img, str(tmp))
     return path
 
-# %% ../nbs/00_io.ipynb #764ed330
-def to_display(slice2d:np.ndarray) -> np.ndarray:
-    "Display/export orientation of a volume slice `arr[:, :, k]` (the seed's `np.rot90`)."
-    return np.rot90(slice2d)
-
-def from_display(img:np.ndarray) -> np.ndarray:
-    "Undo `to_display`: a slice in display orientation back to volume voxel order."
-    return np.rot90(img, -1)
-
 # %% ../nbs/00_io.ipynb #32a3ba0c
 _NOT_IMAGES = {'SEG', 'SR', 'RTSTRUCT', 'RTPLAN', 'RTDOSE', 'PR', 'KO', 'REG'}
 _DICOMDIR = '1.2.840.10008.1.3.10'
@@ -295,6 +286,45 @@ def read_dicom_series(folder # a folder holding one CT series (searched recursiv
                      ) -> CTVolume: # HU (int16 when exact, else float32) in (X, Y, Z) order, RAS affine
     "Read one CT series: slices sorted along their normal, HU from the rescale tags, RAS affine."
     return _dcm_read(folder)[0]
+
+# %% ../nbs/00_io.ipynb #24748649
+from nibabel.orientations import io_orientation, axcodes2ornt, ornt_transform, apply_orientation, inv_ornt_aff
+
+CANONICAL = ('L', 'A', 'S') # where voxel axes i, j, k point: the patient's left, anterior, superior
+ORIENTATION = 'LAS+rot90'   # the convention's name in config.json: canonical voxel order, slices shown by `to_display`
+
+def canonical_ornt(affine, # 4x4 voxel -> RAS affine of a volume
+                   axcodes=CANONICAL # the voxel order to go to
+                  ) -> np.ndarray: # nibabel orientation transform: the volume's voxel axes -> `axcodes`
+    "Which axis permutation and flips take the voxel order of `affine` to `axcodes` (closest axes when oblique)"
+    return ornt_transform(io_orientation(np.asarray(affine)), axcodes2ornt(axcodes))
+
+def to_canonical(vol:CTVolume, # a volume as read from its file
+                 axcodes=CANONICAL # the voxel order to go to (others only to store a volume differently)
+                ) -> CTVolume: # a view of `vol.array` in that order, with its affine
+    "`vol` with its voxel axes permuted and flipped into `CANONICAL`: every voxel stays where it is in space"
+    t = canonical_ornt(vol.affine, axcodes)
+    arr = apply_orientation(vol.array, t)
+    # header=None: the file's header describes the file's voxel order, not this one
+    return CTVolume(arr, np.asarray(vol.affine) @ inv_ornt_aff(t, vol.shape), None, vol.path)
+
+def from_canonical(arr, # an array in the canonical order of `like` (e.g. predicted labels)
+                   like:CTVolume # the volume as read from its file
+                  ) -> np.ndarray: # `arr` in `like`'s own voxel order (a view)
+    "Undo `to_canonical`: put an array back into the voxel order of the file `like` was read from"
+    arr = np.asanyarray(arr)
+    back = apply_orientation(arr, ornt_transform(axcodes2ornt(CANONICAL), io_orientation(np.asarray(like.affine))))
+    if back.shape != tuple(like.shape):
+        raise ValueError(f"array of shape {arr.shape} is not in the canonical order of a {tuple(like.shape)} volume")
+    return back
+
+def to_display(slice2d:np.ndarray) -> np.ndarray:
+    "Radiological view of a slice `arr[:, :, k]` of a canonical volume (the seed's `np.rot90`)"
+    return np.rot90(slice2d)
+
+def from_display(img:np.ndarray) -> np.ndarray:
+    "Undo `to_display`: a slice in display orientation back to canonical voxel order"
+    return np.rot90(img, -1)
 
 # %% ../nbs/00_io.ipynb #de0ef600
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from . import __version__
-from .io import LiverSegError, atomic_path
+from .io import LiverSegError, ORIENTATION, atomic_path
 
 # %% auto #0
 __all__ = ['CODES', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state', 'write_model_files',
@@ -26,7 +26,7 @@ def default_config(**kwargs):
            "codes": list(CODES),
            "input": {"kind": "image", "windows": [[150, 30], [200, 60]], "freqhist": True, "context": 0},
            "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-           "resize": "squish", "precision": "fp32", "recipe": {}, "split": {"train_cases": [], "valid_cases": []}}
+           "resize": "squish", "precision": "fp32", "orientation": ORIENTATION, "recipe": {}, "split": {"train_cases": [], "valid_cases": []}}
     cfg.update(kwargs)
     return cfg
 
@@ -125,7 +125,7 @@ def read_config(folder):
     try: cfg = json.loads(f.read_text())
     except (ValueError, UnicodeDecodeError) as e: raise LiverSegError(f, f"not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or 'arch' not in cfg: raise LiverSegError(f, "no 'arch' in the config")
-    return default_config(**cfg)
+    return default_config(**{'orientation': None, **cfg})  # a folder from before the convention says so
 
 def _read_weights(folder):
     from safetensors.torch import load_file

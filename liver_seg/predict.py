@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .io import (LiverSegError, CTVolume, atomic_path, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
+from .io import (LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, atomic_path, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, IMAGE_EXTS, nifti_stem, case_key, case_sort_key)
 from .windows import volume_channels
 from .model import cpu_has_bf16
@@ -35,6 +35,7 @@ class Predictor:
     "A segmentation network with its `config.json` dict, ready for batched inference"
     def __init__(self, model:torch.nn.Module, config:dict, device='auto'):
         self.config, self.device = config, resolve_device(device)
+        self.source = 'config.json'  # where the config came from, for error messages
         self.size = int(config['size'])
         prec = config.get('precision', 'fp32')
         cuda = self.device.type == 'cuda'
@@ -53,7 +54,9 @@ class Predictor:
         "Load a model folder (safe weights + config.json) with `liver_seg.model.load_model_folder`"
         from liver_seg.model import load_model_folder
         model, cfg = load_model_folder(folder, allow_pickle=allow_pickle)
-        return cls(model, cfg, device)
+        pred = cls(model, cfg, device)
+        pred.source = Path(folder)/'config.json'
+        return pred
 
     @property
     def kind(self) -> str: return self.config.get('input', {}).get('kind', 'hu_windows')
@@ -114,6 +117,13 @@ def labels(self:Predictor,
     return out.argmax(1).to(torch.uint8).cpu().numpy()
 
 # %% ../nbs/08_predict.ipynb #04ab10cb
+def _check_orientation(pred:Predictor):
+    "Refuse, for volumes, a model trained before volumes were put in canonical orientation"
+    if pred.config.get('orientation') != ORIENTATION:
+        raise LiverSegError(pred.source, f"model trained with orientation {pred.config.get('orientation')!r}, not this liver_seg's "
+                            f"{ORIENTATION!r} (volumes in canonical voxel order): its labels would depend on how each file "
+                            "stores its voxels; retrain it with `liver-seg train`")
+
 def _check_input(kind, arr, path):
     "Refuse a volume that does not match what the model was trained on"
     if kind == 'image' and arr.dtype != np.uint8:
@@ -132,7 +142,7 @@ def _gray_channels(g, ks, context, n_in):
     return np.repeat(g[ks][..., None], n_in, -1)
 
 def _volume_batch(pred:Predictor, arr, ks):
-    "uint8 N x H x W x C model input of slices `ks` of volume `arr` (X, Y, Z)"
+    "uint8 N x H x W x C model input of slices `ks` of canonical volume `arr` (X, Y, Z)"
     inp = pred.config.get('input', {})
     if pred.kind == 'hu_windows':
         if inp.get('context', 0): raise LiverSegError('config.json', "context > 0 is only supported for 'image' models")
@@ -142,33 +152,38 @@ def _volume_batch(pred:Predictor, arr, ks):
     return _gray_channels(g, np.asarray(ks) - lo, inp.get('context', 0), pred.config.get('n_in', 3))
 
 # %% ../nbs/08_predict.ipynb #bdb90911
-def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
-                   volume, # `CTVolume`, or an array in file voxel order (X, Y, Z): HU, or uint8 for 'image' models
-                   affine=None, # 4x4 affine of an array `volume` (for post-processing's mm thresholds)
-                   batch_size:int=16, # slices per forward pass
-                   device='auto', # 'auto', 'cpu' or 'cuda'
-                   tta:bool=False, # flip test-time augmentation
-                   postprocess:bool=True, # keep the largest liver component, fill holes, drop tumour specks
-                   progress:bool=True # show a progress bar
-                  ) -> np.ndarray: # uint8 labels (X, Y, Z): 0 background, 1 liver, 2 tumour
-    "Segment a volume slice by slice in batches, at full resolution, in the volume's voxel order"
-    pred = get_predictor(model, device)
-    path = 'volume'
-    if isinstance(volume, CTVolume): arr, affine, path = volume.array, volume.affine, volume.path or path
-    else: arr = np.asarray(volume)
-    if arr.ndim != 3: raise LiverSegError(path, f"expected a 3D volume, got shape {arr.shape}")
-    _check_input(pred.kind, arr, path)
+def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, progress:bool) -> np.ndarray:
+    "uint8 labels of a volume in canonical voxel order, a slab of `batch_size` slices at a time"
+    arr = can.array
+    if arr.ndim != 3: raise LiverSegError(can.path or 'volume', f"expected a 3D volume, got shape {arr.shape}")
+    _check_orientation(pred)
+    _check_input(pred.kind, arr, can.path or 'volume')
     out = np.empty(arr.shape, np.uint8)
     starts = range(0, arr.shape[2], batch_size)
     for k0 in _progress(starts, progress and len(starts) > 1):
         ks = np.arange(k0, min(k0 + batch_size, arr.shape[2]))
         lab = pred.labels(_volume_batch(pred, arr, ks), tta)          # N x H x W, display orientation
         out[:, :, ks[0]:ks[-1] + 1] = np.rot90(lab, -1, axes=(1, 2)).transpose(1, 2, 0)  # from_display
+    return out
+
+def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
+                   volume, # `CTVolume`, or an array (X, Y, Z): HU, or uint8 for 'image' models
+                   affine=None, # 4x4 affine of an array `volume`; without one the array is taken to be in canonical order
+                   batch_size:int=16, # slices per forward pass
+                   device='auto', # 'auto', 'cpu' or 'cuda'
+                   tta:bool=False, # flip test-time augmentation
+                   postprocess:bool=True, # keep the largest liver component, fill holes, drop tumour specks
+                   progress:bool=True # show a progress bar
+                  ) -> np.ndarray: # uint8 labels (X, Y, Z) in the volume's own voxel order: 0 background, 1 liver, 2 tumour
+    "Segment a volume slice by slice in batches, at full resolution, in canonical orientation; labels in the volume's voxel order"
+    pred = get_predictor(model, device)
+    if not isinstance(volume, CTVolume): volume = CTVolume(np.asarray(volume), None if affine is None else np.asarray(affine, float))
+    can = volume if volume.affine is None else to_canonical(volume)
+    out = _canonical_labels(pred, can, batch_size, tta, progress)
     if postprocess:
         from liver_seg.postprocess import postprocess as _post
-        spacing = None if affine is None else np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
-        out = _post(out, spacing=spacing)
-    return out
+        out = _post(out, spacing=None if can.affine is None else can.spacing)
+    return out if volume.affine is None else from_canonical(out, volume)
 
 # %% ../nbs/08_predict.ipynb #da9d11d6
 def _dicom_subfolders(path:Path) -> list:
@@ -280,13 +295,16 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
 
 def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int, tta:bool, postprocess:bool, force:bool, progress:bool) -> Path:
     "Read one volume, segment it, post-process it in place, and write `dest` atomically in its geometry"
+    _check_orientation(pred)  # before reading a volume it cannot be used on
     vol = _read_volume(src, kind)
-    labels = predict_volume(pred, vol, batch_size=batch_size, tta=tta, postprocess=False, progress=progress)
-    vol.array = np.broadcast_to(np.zeros((), vol.array.dtype), vol.shape)  # free the HU: only the geometry is needed now
+    can = to_canonical(vol)
+    labels = _canonical_labels(pred, can, batch_size, tta, progress)
+    spacing = can.spacing
+    del can; vol.array = np.broadcast_to(np.zeros((), vol.array.dtype), vol.shape)  # free the HU: only the geometry is needed now
     if postprocess:
         from liver_seg.postprocess import postprocess as _post
-        labels = _post(labels, spacing=vol.spacing, out=labels)  # in place: no second label volume
-    return write_labels(labels, vol, dest, force=force)
+        labels = _post(labels, spacing=spacing, out=labels)  # in place: no second label volume
+    return write_labels(from_canonical(labels, vol), vol, dest, force=force)
 
 # %% ../nbs/08_predict.ipynb #e9f71281
 def volume_files(folder) -> list: # NIfTI files and DICOM series folders, sorted by case number

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['phantom_affine', 'make_phantom', 'write_lits_case', 'write_chaos_case', 'make_phantom_dataset']
+__all__ = ['phantom_affine', 'make_phantom', 'canonical_phantom', 'write_lits_case', 'write_chaos_case', 'make_phantom_dataset']
 
 # %% ../nbs/02_synth.ipynb #846a5ee7
 def phantom_affine(shape=(128, 128, 48),         # voxels X, Y, Z
@@ -134,6 +134,15 @@ def make_phantom(shape=(128, 128, 48),      # voxels X, Y, Z
         labels[:, :, k0:k1] = l
     return hu, labels, phantom_affine(shape, spacing)
 
+# %% ../nbs/02_synth.ipynb #67f3a3f4
+def canonical_phantom(**phantom_kwargs # `make_phantom` arguments (shape, spacing, seed, n_tumors)
+                     ) -> tuple: # (HU, labels, affine) in canonical voxel order (`liver_seg.io.CANONICAL`)
+    "`make_phantom` in canonical voxel order: the arrays `prepare`, `predict` and the viewer cut slices from"
+    from liver_seg.io import CTVolume, to_canonical
+    hu, labels, affine = make_phantom(**phantom_kwargs)
+    c = to_canonical(CTVolume(hu, affine))
+    return c.array, to_canonical(CTVolume(labels, affine)).array, c.affine
+
 # %% ../nbs/02_synth.ipynb #08cd73f9
 def _save_nifti(arr, affine, path):
     import nibabel as nib
@@ -147,11 +156,16 @@ def _save_nifti(arr, affine, path):
 def write_lits_case(folder,          # output folder (created)
                     case_id=0,       # N in `volume-N.nii.gz`
                     compress=True,   # `.nii.gz`; False writes `.nii` like the LiTS download
+                    axcodes=None,    # store the voxels in this order, e.g. ('R', 'A', 'S') (default: the phantom's L, P, S)
                     **phantom_kwargs # `make_phantom` arguments (shape, spacing, seed, n_tumors)
                    ) -> tuple:       # (volume path, segmentation path)
     "Write one phantom as a LiTS-style `volume-N.nii.gz` + `segmentation-N.nii.gz` pair"
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     hu, labels, affine = make_phantom(**phantom_kwargs)
+    if axcodes is not None:  # the same image in space, stored in another voxel order
+        from liver_seg.io import CTVolume, to_canonical
+        v = to_canonical(CTVolume(hu, affine), tuple(axcodes))
+        hu, labels, affine = v.array, to_canonical(CTVolume(labels, affine), tuple(axcodes)).array, v.affine
     ext = '.nii.gz' if compress else '.nii'
     return (_save_nifti(hu, affine, folder/f"volume-{case_id}{ext}"),
             _save_nifti(labels, affine, folder/f"segmentation-{case_id}{ext}"))

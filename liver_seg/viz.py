@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter, MaxNLocator
+from .io import CTVolume, LiverSegError, to_canonical
 
 # %% auto #0
 __all__ = ['LABEL_COLORS', 'ERROR_COLORS', 'CLASSES', 'window_presets', 'display_image', 'label_layer', 'error_layer',
@@ -216,13 +217,24 @@ def rendered_rgba(ax, row, col) -> np.ndarray:
     return buf[int(round(buf.shape[0] - y)), int(round(x))].copy()
 
 # %% ../nbs/11_viz.ipynb #2e6e49e5
-def display_stack(volume, # X x Y x Z volume, H x W x N stack, list of 2D slices, or a `CTVolume`
-                  labels=None, # labels in the same layout as `volume` (or None)
+def _canonical(volume, labels):
+    "`volume` (a `CTVolume`) and `labels` (`CTVolume` or array in the volume's voxel order) in canonical voxel order"
+    can = to_canonical(volume)
+    if labels is None: return can.array, None
+    if isinstance(labels, CTVolume):
+        lc = to_canonical(labels)
+        if lc.shape != can.shape or not np.allclose(lc.affine, can.affine, atol=1e-2):
+            raise LiverSegError(labels.path or 'labels', f"labels of shape {labels.shape} are not on the voxel grid of {volume.path or 'the volume'}")
+        return can.array, lc.array
+    return can.array, to_canonical(CTVolume(np.asarray(labels), volume.affine)).array
+
+def display_stack(volume, # `CTVolume`, X x Y x Z array in canonical order, H x W x N stack, or list of 2D slices
+                  labels=None, # labels: a `CTVolume`, or an array in the same layout as `volume` (or None)
                   orient=None, # 'xyz' (voxel order) or 'display'; default: 'xyz' for 3D arrays/volumes, 'display' for lists
                  ) -> tuple: # (images H x W x N, labels H x W x N or None)
-    "Both arrays as display-oriented stacks of slices."
-    if hasattr(volume, 'array'): volume = volume.array
-    if hasattr(labels, 'array'): labels = labels.array
+    "Both arrays as display-oriented stacks of slices, volumes in canonical voxel order first."
+    if isinstance(volume, CTVolume): volume, labels = _canonical(volume, labels)
+    elif isinstance(labels, CTVolume): labels = labels.array
     if isinstance(volume, (list, tuple)):
         volume, orient = np.stack(volume, -1), orient or 'display'
         if isinstance(labels, (list, tuple)): labels = np.stack(labels, -1)
@@ -359,7 +371,13 @@ def _png(rgb, scale=1):
     b = _io.BytesIO(); im.save(b, format='png'); return b.getvalue()
 
 # %% ../nbs/11_viz.ipynb #787a4608
-def load_case(source, # NIfTI path, slice folder, `CTVolume`, array or list of slices
+def _is_dicom_folder(folder:Path) -> bool:
+    "A folder of DICOM files (no slice images): a series to read as a volume"
+    from liver_seg.io import find_dicom_files, IMAGE_EXTS
+    if (folder/'images').is_dir() or any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir()): return False
+    return bool(find_dicom_files(folder))
+
+def load_case(source, # NIfTI file, DICOM series folder, slice folder, `CTVolume`, array or list of slices
               labels=None, # labels: path, `CTVolume`, array (same layout as `source`) or None
               pred=None, # predicted labels, same kinds and layout as `labels` (or None)
               case=None, # case id inside a slice folder (default: the first)
@@ -367,8 +385,8 @@ def load_case(source, # NIfTI path, slice folder, `CTVolume`, array or list of s
              ) -> tuple: # (images H x W x N, labels or None, pred or None, slice names)
     "One case as display-oriented stacks, from any of the sources the viewer accepts."
     names = None
-    if isinstance(source, (str, Path)) and Path(source).is_dir():
-        from liver_seg.io import find_slice_pairs, read_slice_volume, LiverSegError
+    if isinstance(source, (str, Path)) and Path(source).is_dir() and not _is_dicom_folder(Path(source)):
+        from liver_seg.io import find_slice_pairs, read_slice_volume
         df = find_slice_pairs(source)
         case = str(df['case'].iloc[0] if case is None else case)
         rows = df[df['case'].astype(str) == case]
@@ -376,8 +394,8 @@ def load_case(source, # NIfTI path, slice folder, `CTVolume`, array or list of s
         source, lab = read_slice_volume(rows)
         labels, orient, names = (lab if labels is None else labels), 'display', list(rows['slice'])
     elif isinstance(source, (str, Path)):
-        from liver_seg.io import read_nifti, read_labels
-        source, orient = read_nifti(source), 'xyz'
+        from liver_seg.io import read_nifti, read_labels, read_dicom_series
+        source, orient = (read_dicom_series(source) if Path(source).is_dir() else read_nifti(source)), 'xyz'
         labels, pred = [read_labels(a) if isinstance(a, (str, Path)) else a for a in (labels, pred)]
     imgs, labs = display_stack(source, labels, orient)
     if pred is not None: pred = display_stack(source, pred, orient)[1]

@@ -135,17 +135,17 @@ def display_channels(stack,                   # HU slices already in display ori
     if iv is not None and C <= 4: return _channels_int(iv, lo, hi, wins, freqhist, n_out)
     return _channels_float(stack, wins, freqhist, n_out)
 
-def display_stack(arr,      # volume in file voxel order X x Y x Z
+def display_stack(arr,      # volume in canonical voxel order X x Y x Z (`liver_seg.io.to_canonical`)
                   ks=None,  # slice indices along Z (default: all)
                  ) -> np.ndarray: # N x H x W copy: `to_display(arr[:, :, k])` for k in ks
     "Slices of a volume in display orientation as one contiguous N x H x W array"
     arr = np.asanyarray(arr)
     if arr.ndim != 3: raise ValueError(f"expected an X x Y x Z array, got shape {arr.shape}")
-    t = arr.T  # Z x Y x X: a free view of NIfTI's Fortran-ordered arrays; rot90(arr[:, :, k]) is t[k, ::-1, :]
+    t = arr.T  # Z x Y x X: a free view; rot90(arr[:, :, k]) is t[k, ::-1, :], a row copy for Fortran-ordered arrays
     if ks is None: return np.ascontiguousarray(t[:, ::-1, :])
     return np.ascontiguousarray(t[np.atleast_1d(np.asarray(ks, dtype=np.intp)), ::-1, :])
 
-def volume_channels(arr,                      # HU volume or slab in file voxel order X x Y x Z (int or float)
+def volume_channels(arr,                      # HU volume or slab in canonical voxel order X x Y x Z (int or float)
                     ks=None,                  # slice indices along Z (default: all slices)
                     windows=DEFAULT_WINDOWS,  # window names or `(width, level)` pairs
                     freqhist=True,            # append the freqhist-scaled channel

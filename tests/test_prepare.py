@@ -9,7 +9,7 @@ from PIL import Image
 
 from liver_seg.export import prepare
 from liver_seg.io import LiverSegError, find_slice_pairs, read_image, read_mask, to_display
-from liver_seg.synth import make_phantom, write_chaos_case, write_lits_case
+from liver_seg.synth import canonical_phantom, write_chaos_case, write_lits_case
 from liver_seg.windows import slice_channels
 
 ROOT = Path(__file__).parents[1]
@@ -38,7 +38,7 @@ def test_one_image_and_mask_per_slice_with_exact_counts(lits, tmp_path):
     assert len(df) == 2*SHAPE[2] and sorted(df.case.unique()) == ['volume-0', 'volume-5']
     assert len(list((out/'images').iterdir())) == len(list((out/'masks').iterdir())) == len(df)
     for case, seed in (('volume-0', 11), ('volume-5', 12)):
-        hu, lab, _ = make_phantom(SHAPE, seed=seed)
+        hu, lab, _ = canonical_phantom(shape=SHAPE, seed=seed)
         rows = df[df.case == case].sort_values('slice')
         assert rows.slice.tolist() == list(range(SHAPE[2]))
         assert rows.liver_px.sum() == (lab == 1).sum() > 0      # liver_px: label 1 only
@@ -86,7 +86,7 @@ def test_jpeg_is_the_seeds_save_jpg(lits, tmp_path):
     from fastai.medical.imaging import dicom_windows  # noqa: F401 (patches Tensor.save_jpg)
     out = tmp_path/'out'
     prepare(lits, out, fmt='jpg', progress=False)
-    hu, _, _ = make_phantom(SHAPE, seed=11)
+    hu, _, _ = canonical_phantom(shape=SHAPE, seed=11)
     for k in (3, 12):
         x = torch.from_numpy(np.ascontiguousarray(to_display(hu[:, :, k]), dtype=np.float32))
         x.save_jpg(tmp_path/'seed.jpg', [(150, 30), (200, 60)], quality=120)
@@ -99,12 +99,12 @@ def test_chaos_cases(tmp_path):
     write_chaos_case(src/'10', shape=(64, 56, 8), seed=22, mask_encoding='255')
     df = pd.read_csv(prepare(src, tmp_path/'out', fmt='png', progress=False))
     assert df.case.astype(str).unique().tolist() == ['2', '10']
-    hu, lab, _ = make_phantom((64, 56, 10), seed=21)
+    hu, lab, _ = canonical_phantom(shape=(64, 56, 10), seed=21)
     rows = df[df.case.astype(str) == '2']
     assert rows.liver_px.sum() == (lab == 1).sum() and rows.tumor_px.sum() == (lab == 2).sum() > 0
     assert np.array_equal(read_mask(tmp_path/'out'/'masks'/'2_0006.png'), to_display(lab[:, :, 6]))
     assert np.array_equal(read_image(tmp_path/'out'/'images'/'2_0006.png'), slice_channels(to_display(hu[:, :, 6])))
-    _, lab10, _ = make_phantom((64, 56, 8), seed=22)                 # liver-only masks: tumour counted as liver
+    _, lab10, _ = canonical_phantom(shape=(64, 56, 8), seed=22)                 # liver-only masks: tumour counted as liver
     assert df[df.case.astype(str) == '10'].tumor_px.sum() == 0
     assert df[df.case.astype(str) == '10'].liver_px.sum() == (lab10 > 0).sum()
     one = pd.read_csv(prepare(src/'2', tmp_path/'single', progress=False))   # a single case folder

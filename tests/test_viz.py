@@ -163,7 +163,9 @@ def test_viewer_from_nifti_path(case, tmp_path):
     nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / 'volume-0.nii.gz')
     nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / 'segmentation-0.nii.gz')
     v = viz.SliceViewer(tmp_path / 'volume-0.nii.gz', tmp_path / 'segmentation-0.nii.gz')
-    s, l = viz.display_stack(hu, lab)
+    from liver_seg.io import CTVolume, to_canonical
+    can = lambda a: to_canonical(CTVolume(a, np.eye(4))).array    # an identity affine is RAS: canonical L, A, S flips i
+    s, l = viz.display_stack(can(hu), can(lab))
     assert v.images.shape == s.shape and np.array_equal(v.labels, l)
     png = v.image.value
     v.slider.value = 0
