@@ -9,20 +9,186 @@ from __future__ import annotations
 import json, os, shutil, time, warnings
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
-from fastai.callback.tracker import TrackerCallback
 from .io import LiverSegError, atomic_path, _WRITE_ERRNOS
 from .data import seg_dataloaders
 from .metrics import get_loss, seg_metrics, LOSSES
-from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16, model_state
+from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
+from .distributed import distributed_env, process_group, SyncValidation, _without_sync_bn
+from .checkpoints import run_folder, EpochCheckpoint, resume_state, _new_run_folder, _keep_history_rows
 
 # %% auto #0
-__all__ = ['UNET_DEFAULTS', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger', 'plot_learning_curves',
-           'load_train_config', 'distributed_env', 'SyncValidation', 'auto_context', 'run_folder', 'EpochCheckpoint',
-           'resume_state', 'train']
+__all__ = ['UNET_DEFAULTS', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger',
+           'plot_learning_curves', 'load_train_config', 'auto_context']
+
+# %% ../nbs/07_train.ipynb #8f204557
+UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
+
+def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
+    "fastai's `unet_learner` in substance: a `Learner` with the encoder's parameter split (frozen when pretrained)"
+    from fastai.learner import Learner
+    from fastai.torch_core import trainable_params
+    splitter = trainable_params if cfg['arch'] == 'simple_cnn' else encoder_arch(cfg['arch'])[1]['split']
+    learn = Learner(dls, model, loss_func=get_loss(loss), metrics=seg_metrics(), lr=lr, splitter=splitter, cbs=cbs)
+    if pretrained and cfg['arch'] != 'simple_cnn': learn.freeze()
+    return learn
+
+def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice dataset), or X.png + X_mask.png
+          out, # model folder to write
+          arch:str='resnet34', # 'resnet34' (U-Net), another torchvision encoder name, or 'simple_cnn'
+          size:int=128, # slices are squished to size x size
+          crop:int|None=None, # train on random crop x crop patches of those; validate and predict on whole slices
+          epochs:int=12, # training epochs
+          bs:int=16, # batch size
+          lr:float|None=None, # peak learning rate (default 2e-3)
+          loss:str='ce+dice', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
+          valid_cases=None, # validation case names (default: a seeded `valid_pct` of the cases)
+          valid_pct:float=0.2, # fraction of cases for validation when `valid_cases` is None
+          pretrained:bool=True, # start from ImageNet weights (needs them cached or internet)
+          weights=None, # local torchvision state dict for the encoder (implies pretrained)
+          precision:str='auto', # 'auto' (bf16 where fast, else fp32), 'fp32', 'bf16', 'fp16' (CUDA)
+          seed:int=42, # seed for split, initialisation, augmentation and batch order
+          context:int|None=0, # 1: 2.5D input (slices k-1, k, k+1 as channels); None: 1 for gray slices, else 0
+          fit:str='one_cycle', # 'one_cycle' or 'fine_tune' (the seed's)
+          wd:float|None=None, # weight decay (fastai's default when None)
+          flip:bool=False, # allow left-right flips in augmentation
+          augment:bool=True, # rotation/zoom/lighting augmentation
+          tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
+          last_cross:bool=True, # fastai's full-resolution ResBlock at the U-Net's end (False: half the CPU step time)
+          bottle:bool=False, # that ResBlock with half the channels (fastai's `bottle`): a cheaper full-resolution block
+          every:int=1, # use every n-th slice of each case
+          num_workers:int=0, # DataLoader workers
+          device=None, # 'cpu', 'cuda' (default: CUDA if available)
+          force:bool=False, # replace an existing model folder
+          resume:bool=False, # continue the interrupted run of `out` (same options) from its last finished epoch
+          cbs:list|None=None, # extra fastai callbacks for this run
+          progress:bool=True): # show fastai's progress bars and epoch table (False: quiet, history.csv only)
+    "Train a liver/tumour segmentation model on slice folder `data` and write the model folder `out`; return its path"
+    o = SimpleNamespace(**locals()) # the options travel together through the steps below
+    o.out, o.lr = Path(out), 2e-3 if lr is None else lr
+    _check_options(o)
+    with process_group(o.device, o.world): _do_train(o)
+    return o.out
+
+# %% ../nbs/07_train.ipynb #d7f1d3f9
+def _check_options(o):
+    "Refuse bad options and an existing output before any work; settle the process, device and precision"
+    if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
+    if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
+    if o.fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {o.fit!r}: use one_cycle or fine_tune")
+    if o.out.exists() and not o.force: raise LiverSegError(o.out, "exists; use --force to overwrite")
+    if o.resume and o.fit != 'one_cycle': raise LiverSegError('--resume', "continues one-cycle runs only (fit='one_cycle')")
+    o.rank, local_rank, o.world = distributed_env() or (0, 0, 1)
+    if o.rank == 0: # only rank 0 writes
+        try: o.out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
+        except OSError as e: raise LiverSegError(o.out.parent, f"cannot create the output folder: {e.strerror or e}") from None
+    o.device = torch.device(o.device) if o.device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if o.world > 1 and o.device.type == 'cuda' and o.device.index is None: o.device = torch.device('cuda', local_rank)
+    o.precision, o.precision_cbs = resolve_precision(o.precision, o.device)
+    if o.context is None: o.context = auto_context(o.data)
+    if o.arch != 'simple_cnn': encoder_arch(o.arch)
+
+def _data_and_config(o):
+    "Seeded data split by case, the encoder's start weights, and the `config.json` of the model to be trained"
+    from fastai.torch_core import set_seed
+    set_seed(o.seed, reproducible=True)
+    enc = pretrained_encoder_state(o.arch, o.weights) if (o.pretrained or o.weights is not None) and o.arch != 'simple_cnn' else None
+    dls = seg_dataloaders(o.data, size=o.size, crop=o.crop, bs=o.bs, valid_cases=o.valid_cases, valid_pct=o.valid_pct, seed=o.seed,
+                          context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, every=o.every,
+                          num_workers=o.num_workers, device=o.device)
+    recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, fit=o.fit, wd=o.wd, seed=o.seed,
+                  pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
+                  precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
+                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=str(Path(o.data).resolve()), monitor='dice_mean',
+                  n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
+    if o.world > 1: recipe['processes'] = o.world # bs is per process
+    cfg = default_config(arch=o.arch, size=o.size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
+                         precision=o.precision, recipe=recipe, split=dls.split)
+    unet_kwargs = {k: v for k, v in dict(last_cross=o.last_cross, bottle=o.bottle).items() if v != UNET_DEFAULTS[k]}
+    if unet_kwargs and o.arch != 'simple_cnn': cfg['arch_kwargs'] = unet_kwargs
+    return dls, enc, cfg
+
+def _do_train(o):
+    "Train in the hidden run folder, then rename it onto the model folder; leave it only when it holds a finished epoch"
+    dls, enc, cfg = _data_and_config(o)
+    run = run_folder(o.out).absolute() # absolute: fastai joins learn.path with these names
+    ckpt = resume_state(o.out, cfg['recipe']) if o.resume else None
+    try:
+        if o.rank == 0 and ckpt is None: _new_run_folder(run, cfg['recipe'])
+        if o.world > 1: torch.distributed.barrier() # the run folder is ready for every rank
+        learn = _run_learner(o, dls, enc, cfg, run, ckpt)
+        _fit(o, learn)
+        if o.world > 1: torch.distributed.barrier() # all ranks have loaded best.pth
+        if o.rank == 0: _write_model_folder(o, learn, cfg, run)
+    except LiverSegError as e: raise LiverSegError(e.path, e.problem) from None # fastai's callback wrapper adds lines
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS: raise
+        raise LiverSegError(o.out, f"cannot write: {e.strerror or e}") from None
+    finally:
+        if o.rank == 0 and run.exists() and not (run/'last.pth').exists(): shutil.rmtree(run, ignore_errors=True) # nothing to resume
+    if o.world > 1: torch.distributed.barrier() # the other ranks return once the model folder is in place
+
+def _run_learner(o, dls, enc, cfg, run, ckpt):
+    "The learner of the run with its callbacks: history, checkpoints, precision, and, on a resume, the saved state"
+    from fastai.torch_core import set_seed
+    set_seed(o.seed, reproducible=True)
+    model = build_model(cfg, enc)
+    o.history = HistoryLogger(run/'history.csv') if o.rank == 0 else None
+    o.start = 0 if ckpt is None else ckpt['epochs_done']
+    if ckpt is not None: _restore_run(o, model, ckpt, run)
+    o.check = EpochCheckpoint('dice_mean', o.history, o.start, None if ckpt is None else ckpt['best'], resumable=o.fit == 'one_cycle')
+    if ckpt is not None: o.check.t_before = ckpt['seconds']
+    o.run_cbs = ([o.history] if o.rank == 0 else []) + [o.check, *o.precision_cbs] + ([SyncValidation()] if o.world > 1 else [])
+    learn = _learner(dls, model, cfg, o.loss, o.lr, o.run_cbs + list(o.cbs or []), enc is not None)
+    learn.path, learn.model_dir = run, '.'
+    if ckpt is not None:
+        from fastcore.foundation import L
+        if learn.opt is None: learn.create_opt()
+        learn.opt.load_state_dict(dict(state=ckpt['opt']['state'], hypers=L(ckpt['opt']['hypers'])))
+        if o.progress and o.rank == 0: print(f"resuming at epoch {o.start + 1} of {o.epochs} ({run})", flush=True)
+    if o.start >= o.epochs: raise LiverSegError(run, f"all {o.epochs} epochs are done already; the run was interrupted while writing the model folder: start over without --resume")
+    return learn
+
+def _restore_run(o, model, ckpt, run):
+    "Weights, RNG and history of an interrupted run, from its `last.pth`"
+    model.load_state_dict(ckpt['model'])
+    torch.set_rng_state(ckpt['torch_rng'])
+    if o.history is None: return
+    _keep_history_rows(run/'history.csv', o.start) # rows after the checkpoint were never confirmed
+    o.history.n_epochs = o.history.skip_before = o.start
+    o.history.batch_losses = [tuple(b) for b in ckpt['batch_losses']]
+
+def _fit(o, learn):
+    "The schedule: one cycle (continued at `o.start` on a resume) or the seed's `fine_tune`, quiet unless `o.progress`"
+    quiet = lambda ctx: ctx if not o.progress else nullcontext()
+    dist = learn.distrib_ctx(sync_bn=o.device.type == 'cuda', cpu=o.device.type == 'cpu') if o.world > 1 else nullcontext()
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*Your generator is empty.*')
+        with quiet(learn.no_bar()), quiet(learn.no_logging()), dist:
+            if o.fit == 'one_cycle': learn.fit_one_cycle(o.epochs, o.lr, wd=o.wd, start_epoch=o.start)
+            else: learn.fine_tune(o.epochs, base_lr=o.lr, wd=o.wd)
+
+def _write_model_folder(o, learn, cfg, run):
+    "Weights, config, curves and the fastai export into the run folder, which is then renamed onto `o.out`"
+    import pandas as pd
+    history = pd.read_csv(run/'history.csv')
+    cfg['recipe']['train_seconds'] = round(o.check.t_before + time.time() - o.check.t0, 1)
+    cfg['recipe']['best_epoch'] = int(history['dice_mean'].to_numpy().argmax()) if len(history) else None
+    if o.start and o.resume: cfg['recipe']['resumed_at_epoch'] = o.start
+    if o.world > 1: learn.model = _without_sync_bn(learn.model, cfg)
+    learn.model.to(memory_format=torch.contiguous_format).eval()
+    write_model_files(learn.model, cfg, run)
+    plot_learning_curves(history, run/'learning_curves.png', o.history.batch_losses)
+    learn.remove_cbs(o.run_cbs + list(o.cbs or []))
+    learn.export(run/'learner.pkl')
+    with atomic_path(o.out, force=o.force) as tmp:
+        os.replace(run, tmp)
+        for f in Path(tmp).iterdir(): # checkpoints, and temporaries a killed earlier attempt left
+            if f.name in ('best.pth', 'last.pth', 'recipe.json') or f.name.startswith('.'): f.unlink()
 
 # %% ../nbs/07_train.ipynb #0b5f700a
 class CPUBF16(Callback):
@@ -163,60 +329,6 @@ def load_train_config(path): # a .yaml/.yml or .json file of train options
         out[k2] = v
     return out
 
-# %% ../nbs/07_train.ipynb #dba64204
-def distributed_env():
-    "(rank, local_rank, world_size) when a launcher (`torchrun`, `accelerate launch`) started several processes, else None"
-    world = int(os.environ.get('WORLD_SIZE', '1') or 1)
-    if world <= 1: return None
-    return int(os.environ.get('RANK', '0') or 0), int(os.environ.get('LOCAL_RANK', '0') or 0), world
-
-def _comm_device():
-    "Device collectives take tensors on: the current GPU under NCCL, else the CPU"
-    if torch.distributed.get_backend() == 'nccl': return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
-
-def _broadcast_idxs(self, t, rank):
-    "`DistributedDL._broadcast` for any backend (fastai's puts the indices on CUDA, which gloo does not take)"
-    t = torch.tensor(list(t), dtype=torch.long, device=_comm_device())
-    torch.distributed.broadcast(t, rank)
-    return t.cpu().tolist()
-
-def _wrap_dl(self, dl):
-    "`DistributedTrainer._wrap_dl` for a DDP model without a `device` attribute (recent PyTorch)"
-    from fastai.distributed import DistributedDL
-    if isinstance(dl, DistributedDL): return dl
-    p = next(self.learn.model.parameters(), None)
-    return DistributedDL(dl, device=getattr(self.learn.model, 'device', None) or (p.device if p is not None else None))
-
-def _patch_fastai_distributed():
-    "Make fastai's `DistributedDL`/`DistributedTrainer` work with gloo on CPUs and with recent PyTorch"
-    from fastai.distributed import DistributedDL, DistributedTrainer
-    DistributedDL._broadcast, DistributedTrainer._wrap_dl = _broadcast_idxs, _wrap_dl
-
-class SyncValidation(Callback):
-    "Validate every rank with rank 0's BatchNorm statistics and sum the `ClassOverlap` counts over all processes"
-    order = 40 # after validation, before the `Recorder` (50) reads the metric values
-    def before_validate(self):
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return
-        for b in self.learn.model.buffers(): torch.distributed.broadcast(b.data, 0)
-    def after_validate(self):
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return
-        parts = []
-        for m in self.learn.metrics: parts += list(getattr(m, 'parts', [m]))
-        parts = [p for p in parts if all(hasattr(p, a) for a in ('tp', 'fp', 'fn'))]
-        if not parts: return
-        t = torch.tensor([[float(p.tp), float(p.fp), float(p.fn)] for p in parts], dtype=torch.float64, device=_comm_device())
-        torch.distributed.all_reduce(t)
-        for p, (tp, fp, fn) in zip(parts, t.cpu().tolist()): p.tp, p.fp, p.fn = tp, fp, fn
-
-def _without_sync_bn(model, cfg):
-    "`model` itself, or when it holds `SyncBatchNorm` layers (DDP on GPUs) the plain network of `cfg` with its weights"
-    if not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()): return model
-    p = next(model.parameters())
-    plain = build_model(cfg).to(p.device)
-    plain.load_state_dict(model.state_dict())
-    return plain.train(model.training)
-
 # %% ../nbs/07_train.ipynb #68d7c91b
 def auto_context(data): # a slice folder
     "1 (2.5D) for a folder of gray 8-bit slices, 0 for `prepare`'s windowed slices or colour images"
@@ -227,234 +339,3 @@ def auto_context(data): # a slice folder
     except LiverSegError: return 0 # let the data loading report what is wrong
     if not len(df): return 0
     return int(read_image(df['image'].iloc[0]).ndim == 2)
-
-# %% ../nbs/07_train.ipynb #0070406f
-def run_folder(out): # the model folder `train` writes
-    "The hidden folder beside `out` where `train` keeps an unfinished run (history and checkpoints)"
-    out = Path(out)
-    return out.parent/f".{out.name}.partial"
-
-def _plain(o):
-    "`o` with fastcore's `L` (and tuples) as lists and numpy scalars as numbers, so `torch.load(weights_only=True)` takes it back without unpickling code"
-    if isinstance(o, dict): return {k: _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)) or type(o).__name__ == 'L': return [_plain(v) for v in o]
-    return o.item() if isinstance(o, np.generic) else o # the schedulers leave numpy floats in the hyper-parameters
-
-def _save_atomic(obj, fname:Path):
-    "`torch.save` through `atomic_path`: a kill leaves the old file or the new one, never half of one"
-    with atomic_path(fname, force=True) as tmp:
-        try: torch.save(obj, tmp)
-        except RuntimeError as e: # torch's file writer reports a full disk this way, not as an OSError
-            raise LiverSegError(fname, f"cannot write the checkpoint (disk full?): {str(e).splitlines()[0][-120:]}") from None
-
-# %% ../nbs/07_train.ipynb #96d86726
-class EpochCheckpoint(TrackerCallback):
-    "After each epoch write `best.pth` on a new best `monitor` and `last.pth` (all a resume needs), atomically; load the best at the end"
-    order = 70 # after the Recorder (50) logged the epoch, so history.csv holds every epoch `last.pth` counts
-    def __init__(self, monitor='dice_mean', # metric to maximise
-                 history=None, # the run's `HistoryLogger` (its rows and batch losses go into `last.pth`)
-                 start_epoch:int=0, # epochs before this one were done before a resume: skip them
-                 best:float|None=None, # best score of the epochs done before a resume
-                 resumable:bool=True): # write `last.pth` (one-cycle runs)
-        super().__init__(monitor=monitor, comp=np.greater, reset_on_fit=False)
-        self.history, self.start_epoch, self.best, self.resumable = history, start_epoch, best, resumable
-        self.t_before = 0.
-    def before_fit(self):
-        super().before_fit(); self.t0 = time.time()
-    def after_epoch(self):
-        if self.epoch < self.start_epoch: return # skipped on resume (fastai still calls after_epoch)
-        super().after_epoch()
-        from fastai.torch_core import rank_distrib, get_model
-        if rank_distrib(): return # only rank 0 writes
-        state = model_state(get_model(self.learn.model))
-        if self.new_best: _save_atomic(state, self.learn.path/'best.pth')
-        if not self.resumable: return
-        if self.history is not None and self.history.file is not None: self.history.file.flush(); os.fsync(self.history.file.fileno())
-        _save_atomic(dict(model=state, opt=_plain(self.learn.opt.state_dict()), epochs_done=self.epoch + 1, best=float(self.best),
-                          seconds=self.t_before + time.time() - self.t0, torch_rng=torch.get_rng_state(),
-                          batch_losses=[list(b) for b in (self.history.batch_losses if self.history else [])]),
-                     self.learn.path/'last.pth')
-    def after_fit(self):
-        super().after_fit()
-        from fastai.torch_core import distrib_barrier, get_model
-        distrib_barrier() # rank 0 has written the last best.pth
-        f = self.learn.path/'best.pth'
-        if f.exists(): get_model(self.learn.model).load_state_dict(torch.load(f, map_location='cpu', weights_only=True))
-
-# %% ../nbs/07_train.ipynb #ba9ddf4e
-def _new_run_folder(run:Path, recipe:dict):
-    "An empty run folder holding `recipe.json` (a stale interrupted run there is discarded)"
-    if run.exists(): shutil.rmtree(run)
-    run.mkdir()
-    (run/'recipe.json').write_text(json.dumps(recipe, indent=2))
-
-def _keep_history_rows(fname:Path, n:int):
-    "Keep the header and the first `n` epoch rows of history.csv"
-    if not fname.exists(): return
-    rows = fname.read_text().splitlines(keepends=True)
-    fname.write_text(''.join(rows[:n + 1]))
-
-def resume_state(out, # the model folder of the interrupted run
-                 recipe:dict): # the recipe of the run about to start
-    "The checkpoint dict of `out`'s interrupted run, after checking it was started with `recipe`"
-    run = run_folder(out)
-    if not (run/'last.pth').exists():
-        raise LiverSegError(out, f"nothing to resume: no finished epoch of an interrupted run in {run}")
-    try: old = json.loads((run/'recipe.json').read_text())
-    except (OSError, ValueError): raise LiverSegError(run/'recipe.json', "missing or unreadable; start over without --resume") from None
-    new = json.loads(json.dumps(recipe))
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diff:
-        k = diff[0]
-        raise LiverSegError(run, f"was started with {k}={old.get(k)!r}, not {new.get(k)!r}; resume with the same options or start over without --resume")
-    try: return torch.load(run/'last.pth', map_location='cpu', weights_only=True)
-    except Exception as e: raise LiverSegError(run/'last.pth', f"unreadable checkpoint ({type(e).__name__}); start over without --resume") from None
-
-# %% ../nbs/07_train.ipynb #8f204557
-UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
-
-def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
-    from fastai.learner import Learner
-    from fastai.vision.learner import model_meta, _default_meta
-    from fastai.torch_core import trainable_params
-    splitter = trainable_params
-    if cfg['arch'] != 'simple_cnn':
-        fn, meta = encoder_arch(cfg['arch'])
-        splitter = meta['split']
-    learn = Learner(dls, model, loss_func=get_loss(loss), metrics=seg_metrics(), lr=lr, splitter=splitter, cbs=cbs)
-    if pretrained and cfg['arch'] != 'simple_cnn': learn.freeze()
-    return learn
-
-def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice dataset), or X.png + X_mask.png
-          out, # model folder to write
-          arch:str='resnet34', # 'resnet34' (U-Net), another torchvision encoder name, or 'simple_cnn'
-          size:int=128, # slices are squished to size x size
-          crop:int|None=None, # train on random crop x crop patches of those; validate and predict on whole slices
-          epochs:int=12, # training epochs
-          bs:int=16, # batch size
-          lr:float|None=None, # peak learning rate (default 2e-3)
-          loss:str='ce+dice', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
-          valid_cases=None, # validation case names (default: a seeded `valid_pct` of the cases)
-          valid_pct:float=0.2, # fraction of cases for validation when `valid_cases` is None
-          pretrained:bool=True, # start from ImageNet weights (needs them cached or internet)
-          weights=None, # local torchvision state dict for the encoder (implies pretrained)
-          precision:str='auto', # 'auto' (bf16 where fast, else fp32), 'fp32', 'bf16', 'fp16' (CUDA)
-          seed:int=42, # seed for split, initialisation, augmentation and batch order
-          context:int|None=0, # 1: 2.5D input (slices k-1, k, k+1 as channels); None: 1 for gray slices, else 0
-          fit:str='one_cycle', # 'one_cycle' or 'fine_tune' (the seed's)
-          wd:float|None=None, # weight decay (fastai's default when None)
-          flip:bool=False, # allow left-right flips in augmentation
-          augment:bool=True, # rotation/zoom/lighting augmentation
-          tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
-          last_cross:bool=True, # fastai's full-resolution ResBlock at the U-Net's end (False: half the CPU step time)
-          bottle:bool=False, # that ResBlock with half the channels (fastai's `bottle`): a cheaper full-resolution block
-          every:int=1, # use every n-th slice of each case
-          num_workers:int=0, # DataLoader workers
-          device=None, # 'cpu', 'cuda' (default: CUDA if available)
-          force:bool=False, # replace an existing model folder
-          resume:bool=False, # continue the interrupted run of `out` (same options) from its last finished epoch
-          cbs:list|None=None, # extra fastai callbacks for this run
-          progress:bool=True): # show fastai's progress bars and epoch table (False: quiet, history.csv only)
-    "Train a liver/tumour segmentation model on slice folder `data` and write the model folder `out`; return its path"
-    from fastai.torch_core import set_seed
-    from liver_seg import __version__
-    out = Path(out)
-    if loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
-    if crop is not None and not 0 < crop <= size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({size}); got {crop}")
-    if fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {fit!r}: use one_cycle or fine_tune")
-    if out.exists() and not force: raise LiverSegError(out, "exists; use --force to overwrite")
-    if resume and fit != 'one_cycle': raise LiverSegError('--resume', "continues one-cycle runs only (fit='one_cycle')")
-    rank, local_rank, world = distributed_env() or (0, 0, 1)
-    if rank == 0: # only rank 0 writes
-        try: out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
-        except OSError as e: raise LiverSegError(out.parent, f"cannot create the output folder: {e.strerror or e}") from None
-    device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if world > 1 and device.type == 'cuda' and device.index is None: device = torch.device('cuda', local_rank)
-    prec, prec_cbs = resolve_precision(precision, device)
-    lr = 2e-3 if lr is None else lr
-    if context is None: context = auto_context(data)
-    if arch != 'simple_cnn': encoder_arch(arch)
-    own_group = False
-    if world > 1:
-        try: import accelerate # fastai's DDP callback is built on it
-        except ImportError: raise LiverSegError('WORLD_SIZE', f"{world} processes need Accelerate: pip install 'liver_seg[distributed]' (or accelerate)") from None
-        _patch_fastai_distributed()
-        if device.type == 'cuda': torch.cuda.set_device(device)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-            own_group = True
-    try:
-        set_seed(seed, reproducible=True)
-        enc = pretrained_encoder_state(arch, weights) if (pretrained or weights is not None) and arch != 'simple_cnn' else None
-        dls = seg_dataloaders(data, size=size, crop=crop, bs=bs, valid_cases=valid_cases, valid_pct=valid_pct, seed=seed,
-                              context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, every=every,
-                              num_workers=num_workers, device=device)
-        recipe = dict(arch=arch, size=size, crop=crop, epochs=epochs, bs=bs, lr=lr, loss=loss, fit=fit, wd=wd, seed=seed,
-                      pretrained=enc is not None, weights=None if weights is None else Path(weights).name,
-                      precision=prec, context=context, flip=flip, augment=augment, tumor_weight=tumor_weight, last_cross=last_cross, bottle=bottle,
-                      every=every, data=str(Path(data).resolve()), monitor='dice_mean', n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
-        if world > 1: recipe['processes'] = world # bs is per process
-        cfg = default_config(arch=arch, size=size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
-                             precision=prec, recipe=recipe, split=dls.split)
-        unet_kwargs = {k: v for k, v in dict(last_cross=last_cross, bottle=bottle).items() if v != UNET_DEFAULTS[k]}
-        if unet_kwargs and arch != 'simple_cnn': cfg['arch_kwargs'] = unet_kwargs
-        run = run_folder(out).absolute() # absolute: fastai joins learn.path with these names
-        ckpt = resume_state(out, recipe) if resume else None
-        try:
-            if rank == 0 and ckpt is None: _new_run_folder(run, recipe)
-            if world > 1: torch.distributed.barrier() # the run folder is ready for every rank
-            set_seed(seed, reproducible=True)
-            model = build_model(cfg, enc)
-            hist = HistoryLogger(run/'history.csv') if rank == 0 else None
-            start = 0 if ckpt is None else ckpt['epochs_done']
-            if ckpt is not None:
-                model.load_state_dict(ckpt['model'])
-                torch.set_rng_state(ckpt['torch_rng'])
-                if hist is not None:
-                    _keep_history_rows(run/'history.csv', start) # rows after the checkpoint were never confirmed
-                    hist.n_epochs = hist.skip_before = start
-                    hist.batch_losses = [tuple(b) for b in ckpt['batch_losses']]
-            check = EpochCheckpoint('dice_mean', hist, start, None if ckpt is None else ckpt['best'], resumable=fit == 'one_cycle')
-            if ckpt is not None: check.t_before = ckpt['seconds']
-            cbs = ([hist] if rank == 0 else []) + [check, *prec_cbs] + ([SyncValidation()] if world > 1 else []) + list(cbs or [])
-            learn = _learner(dls, model, cfg, loss, lr, cbs, enc is not None)
-            learn.path, learn.model_dir = run, '.'
-            if ckpt is not None:
-                if learn.opt is None: learn.create_opt()
-                from fastcore.foundation import L
-                learn.opt.load_state_dict(dict(state=ckpt['opt']['state'], hypers=L(ckpt['opt']['hypers'])))
-            if ckpt is not None and progress and rank == 0: print(f"resuming at epoch {start + 1} of {epochs} ({run})", flush=True)
-            if start >= epochs: raise LiverSegError(run, f"all {epochs} epochs are done already; the run was interrupted while writing the model folder: start over without --resume")
-            with warnings.catch_warnings():
-                warnings.filterwarnings('ignore', message='.*Your generator is empty.*')
-                with (learn.no_bar() if not progress else nullcontext()), (learn.no_logging() if not progress else nullcontext()), \
-                     (learn.distrib_ctx(sync_bn=device.type == 'cuda', cpu=device.type == 'cpu') if world > 1 else nullcontext()):
-                    if fit == 'one_cycle': learn.fit_one_cycle(epochs, lr, wd=wd, start_epoch=start)
-                    else: learn.fine_tune(epochs, base_lr=lr, wd=wd)
-            if world > 1: torch.distributed.barrier() # all ranks have loaded best.pth
-            if rank == 0:
-                import pandas as pd
-                history = pd.read_csv(run/'history.csv')
-                cfg['recipe']['train_seconds'] = round(check.t_before + time.time() - check.t0, 1)
-                cfg['recipe']['best_epoch'] = int(history['dice_mean'].to_numpy().argmax()) if len(history) else None
-                if ckpt is not None: cfg['recipe']['resumed_at_epoch'] = start
-                if world > 1: learn.model = _without_sync_bn(learn.model, cfg)
-                learn.model.to(memory_format=torch.contiguous_format).eval()
-                write_model_files(learn.model, cfg, run)
-                plot_learning_curves(history, run/'learning_curves.png', hist.batch_losses)
-                learn.remove_cbs(cbs)
-                learn.export(run/'learner.pkl')
-                with atomic_path(out, force=force) as tmp:
-                    os.replace(run, tmp)
-                    for f in Path(tmp).iterdir(): # checkpoints, and temporaries a killed earlier attempt left
-                        if f.name in ('best.pth', 'last.pth', 'recipe.json') or f.name.startswith('.'): f.unlink()
-        except LiverSegError as e: raise LiverSegError(e.path, e.problem) from None # fastai's callback wrapper adds lines
-        except OSError as e:
-            if e.errno not in _WRITE_ERRNOS: raise
-            raise LiverSegError(out, f"cannot write: {e.strerror or e}") from None
-        finally:
-            if rank == 0 and run.exists() and not (run/'last.pth').exists(): shutil.rmtree(run, ignore_errors=True) # nothing to resume
-        if world > 1: torch.distributed.barrier() # the other ranks return once the model folder is in place
-    finally:
-        if own_group: torch.distributed.destroy_process_group()
-    return out
