@@ -15,10 +15,11 @@ import numpy as np
 import nibabel as nib
 
 # %% auto #0
-__all__ = ['CANONICAL', 'ORIENTATION', 'IMAGE_EXTS', 'LiverSegError', 'atomic_path', 'CTVolume', 'open_nifti', 'read_nifti',
-           'read_labels', 'write_labels', 'find_dicom_files', 'read_dicom_series', 'canonical_ornt', 'to_canonical',
-           'from_canonical', 'to_display', 'from_display', 'parse_slice_name', 'decode_mask', 'read_image', 'read_mask',
-           'case_sort_key', 'nifti_stem', 'case_key', 'find_slice_pairs', 'read_slice_volume', 'read_chaos_case']
+__all__ = ['CANONICAL', 'ORIENTATION', 'IMAGE_EXTS', 'LiverSegError', 'refuse_input', 'check_output', 'atomic_path', 'CTVolume',
+           'available_memory', 'open_nifti', 'read_nifti', 'read_labels', 'write_labels', 'find_dicom_files',
+           'dicom_series', 'read_dicom_series', 'canonical_ornt', 'to_canonical', 'from_canonical', 'to_display',
+           'from_display', 'parse_slice_name', 'decode_mask', 'read_image', 'read_mask', 'case_sort_key', 'nifti_stem',
+           'case_key', 'find_slice_pairs', 'read_slice_volume', 'read_chaos_case']
 
 # %% ../nbs/00_io.ipynb #4d5845de
 class LiverSegError(Exception):
@@ -45,17 +46,47 @@ def _remove(p:Path):
     if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
     elif p.exists() or p.is_symlink(): p.unlink()
 
+def _same(a:Path, b:Path) -> bool:
+    "Are `a` and `b` one file or folder, however spelled (relative, `..`, symlinks, hard links)?"
+    try:
+        if os.path.samefile(a, b): return True
+    except OSError: pass  # one of them does not exist
+    return a.resolve() == b.resolve()
+
+def refuse_input(dest, # an output a command is about to write (a file, or a folder it replaces whole)
+                 inputs=()): # every file and folder the command reads
+    "Refuse an output that is one of the command's inputs, or a folder holding one: `--force` never overwrites an input"
+    dest = Path(dest)
+    for inp in inputs:
+        inp = Path(inp)
+        if _same(dest, inp): raise LiverSegError(dest, f"is an input of this command ({inp}); write the output elsewhere")
+        if dest.resolve() in inp.resolve().parents:
+            raise LiverSegError(dest, f"holds an input of this command ({inp}); write the output elsewhere")
+
+def check_output(dest, # the final output path
+                 force:bool=False, # replacing an existing `dest` is allowed
+                 inputs=(), # the command's inputs, which `dest` may never be
+                 folder:bool|None=None): # True/False: `dest` will be a folder/a file (None: either)
+    "Refuse, before any work is done, an output that `atomic_path` would refuse after it"
+    dest = Path(dest)
+    refuse_input(dest, inputs)
+    if dest.exists():
+        if not force: raise LiverSegError(dest, "exists; use --force to overwrite")
+        if folder is False and dest.is_dir(): raise LiverSegError(dest, "is a folder: give the output file's name")
+    parent = dest.parent
+    if not parent.is_dir(): raise LiverSegError(parent, "output folder does not exist")
+    if not os.access(parent, os.W_OK): raise LiverSegError(parent, "output folder is not writable")
+
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 @contextmanager
 def atomic_path(dest, # the final output path (a file, or a folder the caller creates)
-                force:bool=False): # replace `dest` if it exists
+                force:bool=False, # replace `dest` if it exists
+                inputs=()): # the command's inputs: `dest` may not be one of them (see `refuse_input`)
     "Yield a temporary path beside `dest` with the same suffix; rename it onto `dest` on success."
     dest = Path(dest)
     parent = dest.parent
-    if dest.exists() and not force: raise LiverSegError(dest, "exists; use --force to overwrite")
-    if not parent.is_dir(): raise LiverSegError(parent, "output folder does not exist")
-    if not os.access(parent, os.W_OK): raise LiverSegError(parent, "output folder is not writable")
+    check_output(dest, force, inputs)
     suf = _suffix(dest)
     stem = dest.name[:len(dest.name)-len(suf)]
     tmp = parent/f".{stem}.tmp-{os.getpid()}{suf}"
@@ -66,6 +97,7 @@ def atomic_path(dest, # the final output path (a file, or a folder the caller cr
         if tmp.is_dir() and dest.exists():
             old = parent/f".{stem}.old-{os.getpid()}{suf}"
             os.replace(dest, old); os.replace(tmp, dest); _remove(old)
+        elif dest.is_dir(): raise LiverSegError(dest, "is a folder: give the output file's name")
         else: os.replace(tmp, dest)
     except OSError as e:
         _remove(tmp)
@@ -98,24 +130,86 @@ class CTVolume:
 
 # %% ../nbs/00_io.ipynb #95187660
 def _int16_or_float32(raw:np.ndarray) -> np.ndarray:
-    "Integer voxels as int16 when they fit, else float32."
-    if raw.dtype == np.int16: return raw
+    "Integer voxels as int16 when they fit, else float32; uint8 stays uint8 (8-bit images are not HU)."
+    if raw.dtype in (np.int16, np.uint8): return raw
     if raw.size == 0 or (raw.min() >= -32768 and raw.max() <= 32767): return raw.astype(np.int16)
     return raw.astype(np.float32)
 
+def _gb(n) -> str: return f"{n/2**30:.1f} GB" if n >= 2**30 else f"{n/2**20:.1f} MB"
+
+def available_memory() -> int|None:
+    "Bytes of memory this process may still take: the least of MemAvailable, the cgroup's and the address-space limits"
+    import resource
+    found = []
+    try: found += [int(l.split()[1])*1024 for l in open('/proc/meminfo') if l.startswith('MemAvailable:')]
+    except OSError: pass
+    try:
+        lim, cur = (open(f'/sys/fs/cgroup/memory.{k}').read().strip() for k in ('max', 'current'))
+        if lim != 'max': found.append(int(lim) - int(cur))
+    except (OSError, ValueError): pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        try: found.append(soft - int(open('/proc/self/statm').read().split()[0])*os.sysconf('SC_PAGE_SIZE'))
+        except (OSError, ValueError): pass
+    return min(found) if found else None
+
+_GZ_MAX_RATIO = 1032  # deflate's limit: no .gz expands more than this
+
+def _check_declared(img, path:Path, memory:bool):
+    "Refuse a header whose voxels the file cannot hold (or this machine cannot), before anything is allocated"
+    dt = img.get_data_dtype()
+    nbytes = int(np.prod(img.shape, dtype=object)) * dt.itemsize
+    end = int(getattr(img.dataobj, 'offset', 0)) + nbytes  # bytes of the uncompressed file (vox_offset 0 means 352)
+    size = path.stat().st_size
+    claim = f"the header declares {'x'.join(map(str, img.shape))} voxels of {dt} ({_gb(nbytes)})"
+    if path.name.lower().endswith('.gz'):
+        if end > _GZ_MAX_RATIO*size: raise LiverSegError(path, f"{claim}; {size} compressed bytes cannot hold that: corrupt or truncated")
+        with open(path, 'rb') as f:
+            flags = f.read(4)[3:]
+            f.seek(-4, 2); isize = int.from_bytes(f.read(4), 'little')  # gzip trailer: length mod 2**32
+        if flags and not flags[0] & 4 and isize != end % 2**32:  # FEXTRA (BGZF blocks): several members, skip
+            raise LiverSegError(path, f"{claim}, gzip recorded {isize} bytes in all: truncated or corrupt")
+    elif end > size: raise LiverSegError(path, f"{claim}; the file holds {size} bytes: truncated or corrupt")
+    free = available_memory() if memory else None
+    if free is not None and nbytes > free:
+        raise LiverSegError(path, f"{claim}; only {_gb(free)} of memory is available")
+
+def _check_geometry(img, path:Path):
+    "Refuse a header whose voxel spacing is zero or not finite: its geometry would be a guess"
+    hdr = img.header
+    if isinstance(hdr, nib.nifti1.Nifti1Header) and int(hdr['sform_code']) == 0:
+        raw = nib.openers.ImageOpener(str(path))  # the header as stored: nibabel replaces a zero pixdim by 1
+        with raw as f: zooms = type(hdr).from_fileobj(f, check=False)['pixdim'][1:4]
+        if not (np.isfinite(zooms).all() and (zooms != 0).all()):
+            raise LiverSegError(path, f"voxel spacing (pixdim) is {tuple(float(z) for z in zooms)} mm: zero or not finite")
+    aff = np.asarray(img.affine, float)
+    norms = np.sqrt((aff[:3, :3]**2).sum(0)) if np.isfinite(aff).all() else np.zeros(3)
+    if (norms < 1e-6).any() or abs(np.linalg.det(aff[:3, :3])) < 1e-9*np.prod(norms):
+        raise LiverSegError(path, f"voxel spacing {tuple(round(float(n), 4) for n in norms)} mm (from the affine): "
+                            "zero, not finite, or axes that are not independent")
+
 def open_nifti(path, # a .nii or .nii.gz file
+               memory:bool=True, # refuse a volume larger than the memory available (False: the caller reads blocks)
                **load_kw): # passed to `nib.load` (e.g. `mmap=False, keep_file_open=True` for block reads)
-    "Open a NIfTI file without reading voxels: (image, 3D shape); refuse what is not a 3D volume."
+    "Open a NIfTI file without reading voxels: (image, 3D shape); refuse what is not a 3D gray volume with a geometry."
+    from nibabel.imageglobals import LoggingOutputSuppressor
     path = Path(path)
     if not path.is_file(): raise LiverSegError(path, "no such file")
-    try: img = nib.load(str(path), **load_kw)
+    try:
+        with LoggingOutputSuppressor(): img = nib.load(str(path), **load_kw)  # no log lines on stderr
     except Exception as e: raise LiverSegError(path, f"not a readable NIfTI file, or truncated ({type(e).__name__}: {e})") from None
     shape = tuple(img.shape)
-    if len(shape) == 4 and shape[3] == 1: shape = shape[:3]
+    while len(shape) > 3 and shape[-1] == 1: shape = shape[:-1]
     if len(shape) != 3: raise LiverSegError(path, f"expected a 3D volume, found shape {tuple(img.shape)}")
+    dt = img.get_data_dtype()
+    if dt.fields is not None or dt.kind not in 'iuf':
+        what = 'RGB' if dt.fields is not None else {'c': 'complex', 'b': 'boolean'}.get(dt.kind, str(dt))
+        raise LiverSegError(path, f"voxels are {what} ({dt}), expected one gray value (HU or label) per voxel")
+    _check_declared(img, path, memory)
+    _check_geometry(img, path)
     return img, shape
 
-def read_nifti(path) -> CTVolume: # int16 or float32 voxels with the file's affine and header
+def read_nifti(path) -> CTVolume: # int16, uint8 or float32 voxels with the file's affine and header
     "Read a 3D NIfTI volume without a float64 copy."
     path = Path(path)
     img, shape = open_nifti(path)
@@ -181,7 +275,10 @@ def write_labels(labels:np.ndarray, # label volume in the input's voxel order, v
     return path
 
 # %% ../nbs/00_io.ipynb #32a3ba0c
-_NOT_IMAGES = {'SEG', 'SR', 'RTSTRUCT', 'RTPLAN', 'RTDOSE', 'PR', 'KO', 'REG'}
+# objects that sit beside a series but hold no CT image: documents, structured reports, segmentations,
+# RT objects, presentation states, key-object selections, registrations, waveforms
+_NOT_IMAGES = {'SEG', 'SR', 'RTSTRUCT', 'RTPLAN', 'RTDOSE', 'RTRECORD', 'PLAN', 'PR', 'KO', 'REG', 'FID', 'DOC',
+               'ECG', 'HD', 'AU'}
 _DICOMDIR = '1.2.840.10008.1.3.10'
 
 def _is_dicom(p:Path) -> bool:
@@ -197,29 +294,79 @@ def find_dicom_files(folder) -> list: # sorted paths of the files that start wit
     if not folder.is_dir(): raise LiverSegError(folder, "no such folder")
     return sorted(p for p in folder.rglob('*') if p.is_file() and not p.name.startswith('.') and _is_dicom(p))
 
+def _not_an_image(ds) -> str|None:
+    "What `ds` is when it holds no image (its modality, 'DICOMDIR', or 'no pixel matrix'), else None"
+    sop = str(getattr(getattr(ds, 'file_meta', None), 'MediaStorageSOPClassUID', '') or ds.get('SOPClassUID', ''))
+    if sop == _DICOMDIR: return 'DICOMDIR'
+    mod = str(ds.get('Modality', '') or '')
+    if mod in _NOT_IMAGES: return mod
+    if mod != 'CT' and (ds.get('Rows', None) is None or ds.get('Columns', None) is None): return f"{mod or 'no modality'}, no pixel matrix"
+    return None
+
 # %% ../nbs/00_io.ipynb #2ad0a31b
-def _dcm_headers(folder):
-    "Headers (without pixels) of the image files of one CT series, validated."
+def _series_key(ds) -> tuple:
+    "What tells one series from another: its SeriesInstanceUID, or without one its number, acquisition and grid"
+    uid = str(ds.get('SeriesInstanceUID', '') or '')
+    if uid: return (uid,)
+    iop = tuple(np.round(np.array(ds.get('ImageOrientationPatient', None) or [0]*6, float), 3))
+    return ('', ds.get('SeriesNumber', None), ds.get('AcquisitionNumber', None), iop, ds.get('Rows', None), ds.get('Columns', None),
+            tuple(np.round(np.array(ds.get('PixelSpacing', None) or [0, 0], float), 4)), ds.get('SliceThickness', None))
+
+_KEY_NAMES = ('SeriesNumber', 'AcquisitionNumber', 'ImageOrientationPatient', 'Rows', 'Columns', 'PixelSpacing', 'SliceThickness')
+
+def dicom_series(folder) -> list: # one dict per series: uid, description, modality, slices, files (sorted by UID)
+    "The series of the DICOM image files under `folder` (non-image objects left out)"
+    return [dict(uid=k[0], description=str(hs[0][1].get('SeriesDescription', '') or ''),
+                 modality=str(hs[0][1].get('Modality', '') or ''), slices=len(hs), files=[f for f, _ in hs])
+            for k, hs in _group(_dcm_scan(Path(folder))[0]).items()]
+
+def _group(hdrs) -> dict:
+    "{series key: [(file, header)]} in key order"
+    groups = {}
+    for f, ds in hdrs: groups.setdefault(_series_key(ds), []).append((f, ds))
+    return dict(sorted(groups.items(), key=lambda kv: str(kv[0])))
+
+def _series_list(groups:dict) -> str:
+    return '; '.join(f"{k[0] or '(no SeriesInstanceUID)'} {str(hs[0][1].get('Modality', '') or '?')} "
+                     f"{str(hs[0][1].get('SeriesDescription', '') or '')!r} ({len(hs)} slices)" for k, hs in groups.items())
+
+def _dcm_scan(folder:Path):
+    "([(file, header)] of the image objects, [(file, what)] of the non-image ones skipped)"
     import pydicom
-    folder = Path(folder)
     files = find_dicom_files(folder)
     if not files: raise LiverSegError(folder, "no DICOM files found")
-    hdrs = []
+    hdrs, skipped = [], []
     for f in files:
         try: ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception as e: raise LiverSegError(f, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
-        sop = str(getattr(getattr(ds, 'file_meta', None), 'MediaStorageSOPClassUID', ''))
-        if sop == _DICOMDIR or ds.get('Modality', '') in _NOT_IMAGES: continue
-        hdrs.append((f, ds))
-    if not hdrs: raise LiverSegError(folder, "no DICOM images found")
+        what = _not_an_image(ds)
+        if what is None: hdrs.append((f, ds))
+        elif what != 'DICOMDIR': skipped.append((f, what))
+    if not hdrs: raise LiverSegError(folder, f"no DICOM images found{f' ({len(skipped)} non-image objects)' if skipped else ''}")
+    return hdrs, skipped
+
+def _dcm_headers(folder, series:str|None=None):
+    "Headers (without pixels) of the image files of one CT series, validated; and the non-image objects skipped"
+    folder = Path(folder)
+    hdrs, skipped = _dcm_scan(folder)
+    groups = _group(hdrs)
+    if series is not None:
+        hdrs = [(f, ds) for f, ds in hdrs if str(ds.get('SeriesInstanceUID', '')) == str(series)]
+        if not hdrs: raise LiverSegError(folder, f"no series {series}; the series here: {_series_list(groups)}")
+        groups = _group(hdrs)
     for f, ds in hdrs:
         mod = ds.get('Modality', None)
-        if mod != 'CT': raise LiverSegError(f, f"modality is {mod!r}, expected CT")
+        if mod != 'CT' and len(groups) == 1: raise LiverSegError(f, f"modality is {mod!r}, expected CT")
         for k in ('ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing', 'Rows', 'Columns'):
             if ds.get(k, None) is None: raise LiverSegError(f, f"missing {k}")
         if int(ds.get('NumberOfFrames', 1) or 1) > 1: raise LiverSegError(f, "multi-frame DICOM is not supported")
-    uids = {str(ds.get('SeriesInstanceUID', '')) for _, ds in hdrs}
-    if len(uids) > 1: raise LiverSegError(folder, f"{len(uids)} series found (SeriesInstanceUID differ); point at one series")
+    if len(groups) > 1:
+        if all(k[0] for k in groups):
+            raise LiverSegError(folder, f"{len(groups)} series: {_series_list(groups)}; choose one with --series UID")
+        (_, a), (_, b) = list(groups.items())[:2]
+        differ = [n for n, x, y in zip(_KEY_NAMES, _series_key(a[0][1])[1:], _series_key(b[0][1])[1:]) if x != y]
+        raise LiverSegError(folder, f"{len(groups)} series without SeriesInstanceUID, told apart by {', '.join(differ)} "
+                            f"({a[0][0].name}, {b[0][0].name}): put each series in a folder of its own")
     f0, d0 = hdrs[0]
     iop0 = np.array(d0.ImageOrientationPatient, float)
     for f, ds in hdrs[1:]:
@@ -229,10 +376,10 @@ def _dcm_headers(folder):
             raise LiverSegError(f, f"slice is {ds.Rows}x{ds.Columns}, {f0.name} is {d0.Rows}x{d0.Columns}: mixed series")
         if not np.allclose(np.array(ds.PixelSpacing, float), np.array(d0.PixelSpacing, float), atol=1e-4):
             raise LiverSegError(f, f"pixel spacing differs from {f0.name}: mixed series")
-    return hdrs
+    return hdrs, skipped
 
 def _dcm_geometry(folder, hdrs):
-    "Sort headers along the slice normal: (sorted headers, RAS affine); refuse duplicates and gaps."
+    "Sort headers along the slice normal: (sorted headers, RAS affine); refuse duplicates, gaps and irregular steps."
     d0 = hdrs[0][1]
     iop = np.array(d0.ImageOrientationPatient, float)
     rowcos, colcos = iop[:3], iop[3:]
@@ -251,6 +398,14 @@ def _dcm_geometry(folder, hdrs):
             i = int(np.argmax(steps))
             raise LiverSegError(folder, f"missing slices: gap of {steps[i]:.2f} mm between {hdrs[i][0].name} and "
                                 f"{hdrs[i+1][0].name} (median step {med:.2f} mm)")
+        off = np.abs(steps - med) > max(0.01, _STEP_TOL*med)
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            found = sorted({round(float(s), 2) for s in steps})
+            shown = ', '.join(f'{s:.2f}' for s in (found if len(found) <= 6 else found[:3] + found[-3:]))
+            raise LiverSegError(folder, f"irregular slice spacing: steps of {shown} mm (a {steps[i]:.2f} mm step between "
+                                f"{hdrs[i][0].name} and {hdrs[i+1][0].name}, median {med:.2f} mm); one affine cannot place "
+                                "these slices: resample the series to a regular spacing first")
         slicevec = (ipp[-1]-ipp[0])/(len(hdrs)-1)
     else:
         thick = d0.get('SpacingBetweenSlices', None) or d0.get('SliceThickness', None) or 1.0
@@ -260,11 +415,14 @@ def _dcm_geometry(folder, hdrs):
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = rowcos*csp, colcos*rsp, slicevec, ipp[0]
     return hdrs, np.diag([-1., -1., 1., 1.]) @ lps
 
-def _dcm_read(folder):
-    "Read a CT series: (CTVolume, position-sorted [(file, header)])."
-    import pydicom
+_STEP_TOL = 0.02  # a step may differ from the median by 2% (positions are written with a few decimals)
+
+def _dcm_read(folder, series:str|None=None):
+    "Read a CT series: (CTVolume, position-sorted [(file, header)]); say on stderr which non-image objects were skipped."
+    import pydicom, sys
     folder = Path(folder)
-    hdrs, affine = _dcm_geometry(folder, _dcm_headers(folder))
+    hdrs, skipped = _dcm_headers(folder, series)
+    hdrs, affine = _dcm_geometry(folder, hdrs)
     d0 = hdrs[0][1]
     rescale = [(float(ds.get('RescaleSlope', 1) or 1), float(ds.get('RescaleIntercept', 0) or 0)) for _, ds in hdrs]
     exact = all(s == 1 and i == int(i) for s, i in rescale)
@@ -279,13 +437,17 @@ def _dcm_read(folder):
             if hu.min() < -32768 or hu.max() > 32767: arr = arr.astype(np.float32)
             arr[:, :, k] = hu.T
         else: arr[:, :, k] = (px.astype(np.float32)*np.float32(slope) + np.float32(inter)).T
+    if skipped:
+        shown = ', '.join(f"{f.name} ({w})" for f, w in skipped[:4]) + (', ...' if len(skipped) > 4 else '')
+        print(f"{folder}: skipped {len(skipped)} non-image DICOM object{'s'*(len(skipped) > 1)}: {shown}", file=sys.stderr)
     return CTVolume(arr, affine, d0, folder), hdrs
 
 # %% ../nbs/00_io.ipynb #751f8b8e
-def read_dicom_series(folder # a folder holding one CT series (searched recursively), or one DICOM file
+def read_dicom_series(folder, # a folder holding one CT series (searched recursively), or one DICOM file
+                      series:str|None=None # SeriesInstanceUID of the series to read, when the folder holds several
                      ) -> CTVolume: # HU (int16 when exact, else float32) in (X, Y, Z) order, RAS affine
     "Read one CT series: slices sorted along their normal, HU from the rescale tags, RAS affine."
-    return _dcm_read(folder)[0]
+    return _dcm_read(folder, series)[0]
 
 # %% ../nbs/00_io.ipynb #24748649
 from nibabel.orientations import io_orientation, axcodes2ornt, ornt_transform, apply_orientation, inv_ornt_aff
