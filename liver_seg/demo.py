@@ -61,10 +61,10 @@ def run_demo(out='liver_seg_demo', # folder for the data, model, prediction and 
     "Phantoms -> prepare -> train -> predict a held-out phantom -> evaluate -> report"
     from liver_seg.synth import make_phantom_dataset, write_lits_case
     from liver_seg.export import prepare
-    from liver_seg.train import train
+    from liver_seg.train import train, plot_learning_curves
     from liver_seg.predict import predict_path
     from liver_seg.evaluate import evaluate
-    from liver_seg.viz import plot_montage, plot_history
+    from liver_seg.viz import plot_montage
     r = {**DEMO_RECIPE, **recipe}
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -94,7 +94,7 @@ def run_demo(out='liver_seg_demo', # folder for the data, model, prediction and 
                  save=out/'montage_liver.png')
     plot_montage(vol, gt, pred=pr, n=8, cls='tumor', title='held-out phantom: tumour, predicted vs true',
                  save=out/'montage_tumor.png')
-    plot_history(model/'history.csv', title='learning curves', save=out/'learning_curves.png')
+    plot_learning_curves(model/'history.csv', out/'learning_curves.png', title='learning curves')
     row = metrics.iloc[0]
     info = dict(arch=r['arch'], size=r['size'], epochs=r['epochs'], n_train=r['n_train'], train_s=train_s,
                 total_s=time.time()-t0, liver_dice=float(row['liver_dice']), tumor_dice=float(row['tumor_dice']),

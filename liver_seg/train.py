@@ -282,11 +282,14 @@ class HistoryLogger(CSVLogger):
         super().after_fit(); self.file = None
 
 # %% ../nbs/07_train.ipynb #c0d10d9f
-def plot_learning_curves(history, # DataFrame of history.csv
+def plot_learning_curves(history, # history.csv of a model folder (path), or its DataFrame
                          fname=None, # write a PNG here (else return the figure)
-                         batch_losses=None): # [(epoch fraction, smoothed train loss), ...]
-    "Loss and validation Dice curves of a training run"
+                         batch_losses=None, # [(epoch fraction, smoothed train loss), ...]
+                         title=None): # figure title
+    "Loss curves and the validation Dice of liver and tumour on one 0-1 axis, from a training run's history"
+    import pandas as pd
     from matplotlib.figure import Figure  # no pyplot: works headless, leaves the user's backend alone
+    if isinstance(history, (str, Path)): history = pd.read_csv(history)
     fig = Figure(figsize=(10, 3.6), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
     ep = history['epoch'].to_numpy() + 1
@@ -298,6 +301,7 @@ def plot_learning_curves(history, # DataFrame of history.csv
         if col in history: ax2.plot(ep, history[col], 'o-', color=c, label=col)
     ax2.set(xlabel='epoch', ylabel='Dice', title='validation Dice', ylim=(0, 1), xlim=(0, max(1, len(ep)) + 0.1)); ax2.legend()
     ax1.set_xlim(0, max(1, len(ep)) + 0.1)
+    if title: fig.suptitle(title)
     fig.tight_layout()
     if fname is None: return fig
     fig.savefig(fname)

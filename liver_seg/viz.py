@@ -19,8 +19,7 @@ from .io import CTVolume, LiverSegError, to_canonical
 # %% auto #0
 __all__ = ['LABEL_COLORS', 'ERROR_COLORS', 'CLASSES', 'window_presets', 'display_image', 'label_layer', 'error_layer',
            'plot_sample', 'plot_overlay', 'error_map', 'dice', 'plot_errors', 'rendered_rgba', 'display_stack',
-           'montage_slices', 'plot_montage', 'plot_history', 'plot_foreground_hist', 'render_slice', 'load_case',
-           'SliceViewer', 'view_volume']
+           'montage_slices', 'plot_montage', 'plot_foreground_hist']
 
 # %% ../nbs/11_viz.ipynb #c5fd7f1e
 def window_presets() -> dict:
@@ -173,15 +172,16 @@ def error_map(pred, # predicted labels 0/1/2
     return out
 
 def dice(codes) -> float:
-    "Dice of an `error_map` (NaN when the class is absent from both)."
-    tp, fp, fn = (int((codes == c).sum()) for c in (1, 2, 3))
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float('nan')
+    "Dice of an `error_map`, by `liver_seg.evaluate.overlap_metrics` (1.0 when the class is absent from both, as LiTS scores it)."
+    from liver_seg.evaluate import overlap_metrics
+    codes = np.asarray(codes)
+    return overlap_metrics((codes == 1) | (codes == 2), (codes == 1) | (codes == 3))['dice']
 
 # %% ../nbs/11_viz.ipynb #ee15d1b1
 def _dice_title(cls, codes):
     "'liver: Dice 0.912', or a note when the class is absent from both maps."
-    d = dice(codes)
-    return f'{cls}: no {cls} in either' if np.isnan(d) else f'{cls}: Dice {d:.3f}'
+    if not np.asarray(codes).any(): return f'{cls}: no {cls} in either'
+    return f'{cls}: Dice {dice(codes):.3f}'
 
 def _classes(cls):
     "List of classes for 'liver', 'tumor' or 'both'."
@@ -289,8 +289,7 @@ def plot_montage(volume, # X x Y x Z volume, H x W x N stack, list of slices, or
         if pred is not None:
             codes = error_map(pred[..., i], labs[..., i], cls)
             ax.imshow(error_layer(codes), interpolation='nearest')
-            d = dice(codes)
-            name += '' if np.isnan(d) else f'  Dice {d:.2f}'
+            if codes.any(): name += f'  Dice {dice(codes):.2f}'
         elif labs is not None: ax.imshow(label_layer(labs[..., i], alpha=alpha), interpolation='nearest')
         ax.set_title(name, fontsize='medium')
     if pred is not None or labs is not None:
@@ -298,26 +297,6 @@ def plot_montage(volume, # X x Y x Z volume, H x W x N stack, list of slices, or
         shown = np.unique(labs[..., idx]) if pred is None else list(ERROR_COLORS)
         hs = [Patch(color=rgb, label=nm) for c, (nm, rgb) in colors.items() if c in shown]
         if hs: fig.legend(handles=hs, loc='outside lower center', ncols=len(hs), fontsize='medium', frameon=False)
-    return _finish(fig, save)
-
-# %% ../nbs/11_viz.ipynb #e4022863
-def plot_history(history, # path of a history.csv, or its DataFrame
-                 title=None, # figure title
-                 save=None, # write a PNG here
-                 dpi=80) -> Figure:
-    "Learning curves: train/valid loss, then one panel per metric column."
-    import pandas as pd
-    df = pd.read_csv(history) if isinstance(history, (str, Path)) else pd.DataFrame(history)
-    x = df['epoch'] if 'epoch' in df else pd.Series(range(len(df)))
-    losses = [c for c in ('train_loss', 'valid_loss') if c in df]
-    metrics = [c for c in df.columns if c not in (*losses, 'epoch', 'time') and pd.api.types.is_numeric_dtype(df[c])]
-    fig, axs = _figure(1 + len(metrics), ncols=3, panel=3.4, dpi=dpi, title=title)
-    for ax, cols, name in zip(axs, [losses] + [[m] for m in metrics], ['loss'] + metrics):
-        ax.set_axis_on()
-        for c in cols: ax.plot(x, df[c], marker='o', ms=3, label=c.replace('_', ' '))
-        ax.set_title(name.replace('_', ' ')); ax.set_xlabel('epoch'); ax.grid(alpha=.3)
-        if len(cols) > 1: ax.legend(fontsize='small')
-        if len(x) and np.allclose(x, np.round(x)): ax.xaxis.get_major_locator().set_params(integer=True)
     return _finish(fig, save)
 
 # %% ../nbs/11_viz.ipynb #e5c7d6ac
@@ -347,122 +326,3 @@ def plot_foreground_hist(df, # one row per slice: split, liver_frac, tumor_frac 
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.grid(alpha=.3); ax.legend(fontsize='small', loc='best', title='split (slices, % with none)', title_fontsize='small')
     return _finish(fig, save)
-
-# %% ../nbs/11_viz.ipynb #a6e31fb6
-def render_slice(image, # 2D slice in display orientation
-                 labels=None, # labels 0/1/2 to overlay (or None)
-                 window='auto', # preset name, (width, level) or 'none'
-                 alpha=0.45, # overlay opacity
-                 errors=False, # `labels` are `error_map` codes, drawn with `error_layer`
-                ) -> np.ndarray: # H x W x 3 uint8
-    "The slice as an RGB image with the overlay blended in."
-    d = display_image(image, window)
-    rgb = d if d.ndim == 3 else np.repeat(d[..., None], 3, -1)
-    if labels is not None:
-        lay = error_layer(labels, alpha) if errors else label_layer(labels, alpha=alpha)
-        rgb = rgb * (1 - lay[..., 3:]) + lay[..., :3] * lay[..., 3:]
-    return (rgb * 255 + .5).astype(np.uint8)
-
-def _png(rgb, scale=1):
-    "PNG bytes of an RGB uint8 array, enlarged `scale` times with nearest neighbours."
-    from PIL import Image
-    im = Image.fromarray(np.ascontiguousarray(rgb))
-    if scale != 1: im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    b = _io.BytesIO(); im.save(b, format='png'); return b.getvalue()
-
-# %% ../nbs/11_viz.ipynb #787a4608
-def _is_dicom_folder(folder:Path) -> bool:
-    "A folder of DICOM files (no slice images): a series to read as a volume"
-    from liver_seg.io import find_dicom_files, IMAGE_EXTS
-    if (folder/'images').is_dir() or any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir()): return False
-    return bool(find_dicom_files(folder))
-
-def load_case(source, # NIfTI file, DICOM series folder, slice folder, `CTVolume`, array or list of slices
-              labels=None, # labels: path, `CTVolume`, array (same layout as `source`) or None
-              pred=None, # predicted labels, same kinds and layout as `labels` (or None)
-              case=None, # case id inside a slice folder (default: the first)
-              orient=None, # for arrays: 'xyz' or 'display' (see `display_stack`)
-             ) -> tuple: # (images H x W x N, labels or None, pred or None, slice names)
-    "One case as display-oriented stacks, from any of the sources the viewer accepts."
-    names = None
-    if isinstance(source, (str, Path)) and Path(source).is_dir() and not _is_dicom_folder(Path(source)):
-        from liver_seg.io import find_slice_pairs, read_slice_volume
-        df = find_slice_pairs(source)
-        case = str(df['case'].iloc[0] if case is None else case)
-        rows = df[df['case'].astype(str) == case]
-        if not len(rows): raise LiverSegError(source, f"no case {case!r}; cases are {list(df['case'].unique())}")
-        source, lab = read_slice_volume(rows)
-        labels, orient, names = (lab if labels is None else labels), 'display', list(rows['slice'])
-    elif isinstance(source, (str, Path)):
-        from liver_seg.io import read_nifti, read_labels, read_dicom_series
-        source, orient = (read_dicom_series(source) if Path(source).is_dir() else read_nifti(source)), 'xyz'
-        labels, pred = [read_labels(a) if isinstance(a, (str, Path)) else a for a in (labels, pred)]
-    imgs, labs = display_stack(source, labels, orient)
-    if pred is not None: pred = display_stack(source, pred, orient)[1]
-    return imgs, labs, pred, names or list(range(imgs.shape[-1]))
-
-# %% ../nbs/11_viz.ipynb #91c58025
-class SliceViewer:
-    "Notebook widget to scroll through a case's slices with window presets and overlays."
-    def __init__(self, source, # NIfTI path, slice folder, `CTVolume`, array or list of slices
-                 labels=None, # labels (path, `CTVolume` or array, same layout as `source`)
-                 pred=None, # predicted labels in the same layout (adds labels/prediction/errors choice)
-                 case=None, # case id inside a slice folder
-                 orient=None, # for arrays: 'xyz' or 'display'
-                 window='auto', # initial window preset
-                 start=None, # initial slice index (default: middle of the labelled extent)
-                 width=400, # displayed width in pixels
-                ):
-        import ipywidgets as W
-        self.images, self.labels, self.pred, self.names = load_case(source, labels, pred, case, orient)
-        n = self.images.shape[-1]
-        if start is None: ms = montage_slices(self.labels, 3, n); start = ms[len(ms) // 2]
-        wname = _resolve_window(self.images, window)[0]
-        first = ['none', 'liver', 'custom', 'abdomen_soft']
-        wins = first + [w for w in window_presets() if w not in first]
-        self.slider = W.IntSlider(value=start, min=0, max=n - 1, description='slice', continuous_update=True)
-        self.window = W.Dropdown(options=wins, value=wname if wname in wins else 'none', description='window')
-        self.overlay = W.Checkbox(value=self.labels is not None or self.pred is not None, description='overlay',
-                                  disabled=self.labels is None and self.pred is None)
-        modes = [m for m, a in (('labels', self.labels), ('prediction', self.pred)) if a is not None]
-        if self.labels is not None and self.pred is not None: modes.append('errors')
-        self.mode = W.Dropdown(options=modes or ['labels'], description='show', layout=W.Layout(width='220px'))
-        self.info, self.legend = W.Label(), W.HTML()
-        self.image = W.Image(format='png', layout=W.Layout(width=f'{width}px'))
-        self._scale = max(1, width // max(self.images.shape[:2]))
-        controls = [self.slider, self.window, self.overlay] + ([self.mode] if len(modes) > 1 else [])
-        self.widget = W.VBox([W.HBox(controls[:2]), W.HBox(controls[2:] + [self.info]), self.image, self.legend])
-        for w in controls: w.observe(lambda _: self.update(), names='value')
-        self.update()
-
-    @property
-    def current_slice(self) -> int: return self.slider.value
-
-    def render(self, k=None) -> np.ndarray:
-        "RGB uint8 of slice `k` (default: the current one) with the current settings."
-        k = self.current_slice if k is None else k
-        img, lab, errors = self.images[..., k], None, False
-        if self.overlay.value:
-            m = self.mode.value
-            if m == 'labels': lab = self.labels[..., k]
-            elif m == 'prediction': lab = self.pred[..., k]
-            else: lab, errors = error_map(self.pred[..., k], self.labels[..., k], 'liver'), True
-        return render_slice(img, lab, self.window.value, 0.6 if errors else 0.45, errors)
-
-    def update(self):
-        "Re-render the current slice into the image widget."
-        k = self.current_slice
-        self.rgb = self.render(k)
-        self.image.value = _png(self.rgb, self._scale)
-        self.info.value = f'{self.names[k]}  ({k + 1}/{self.images.shape[-1]})'
-        colors = {} if not self.overlay.value else ERROR_COLORS if self.mode.value == 'errors' else LABEL_COLORS
-        self.legend.value = ' '.join(f'<span style="background:rgb{tuple(int(255 * c) for c in rgb)};padding:0 8px">'
-                                     f'</span> {name}&nbsp;&nbsp;' for name, rgb in colors.values())
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
-
-def view_volume(source, labels=None, pred=None, **kwargs) -> SliceViewer:
-    "A `SliceViewer` for `source` (see `SliceViewer` for the arguments)."
-    return SliceViewer(source, labels, pred, **kwargs)

@@ -15,7 +15,7 @@ from liver_seg.io import (CTVolume, ORIENTATION, read_dicom_series, read_labels,
 from liver_seg.predict import predict_path
 from liver_seg.synth import make_phantom_dataset, write_chaos_case, write_lits_case
 from liver_seg.train import train
-from liver_seg.viz import load_case
+from liver_seg.viewer import load_case
 from liver_seg.windows import slice_channels
 
 torch.set_num_threads(2)

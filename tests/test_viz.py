@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from liver_seg import viz
+from liver_seg import viz, viewer
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / 'shared' / 'data' / 'ct-slices'
@@ -109,13 +109,16 @@ def test_plot_montage(case, tmp_path):
     assert len(viz.plot_montage(hu, n=3).axes) == 3
 
 
-def test_plot_history_from_csv(tmp_path):
+def test_learning_curves_from_csv(tmp_path):
+    from liver_seg.train import plot_learning_curves
     csv = tmp_path / 'history.csv'
     pd.DataFrame(dict(epoch=[0, 1, 2], train_loss=[1, .6, .4], valid_loss=[.9, .7, .6], liver_dice=[.5, .8, .9],
                       tumor_dice=[0, .2, .3], time=['00:01'] * 3)).to_csv(csv, index=False)
-    fig = saved_png(viz.plot_history, tmp_path, history=csv)
-    assert [a.get_title() for a in fig.axes] == ['loss', 'liver dice', 'tumor dice']
-    assert len(fig.axes[0].lines) == 2
+    out = plot_learning_curves(csv, tmp_path / 'curves.png', title='run')
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    fig = plot_learning_curves(csv)
+    assert [a.get_title() for a in fig.axes] == ['loss', 'validation Dice']
+    assert len(fig.axes[0].lines) == 2 and fig.axes[1].get_ylim() == (0, 1)   # Dice of both classes on one 0-1 axis
 
 
 def test_plot_foreground_hist(case, tmp_path):
@@ -129,7 +132,7 @@ def test_plot_foreground_hist(case, tmp_path):
 
 def test_viewer_slider_changes_slice(case):
     hu, lab, _, _ = case
-    v = viz.view_volume(hu, lab)
+    v = viewer.view_volume(hu, lab)
     first, png = v.current_slice, v.image.value
     assert png[:8] == PNG_MAGIC
     other = [k for k in np.flatnonzero(lab.any((0, 1))) if k != first][0]    # another slice with labels
@@ -137,17 +140,17 @@ def test_viewer_slider_changes_slice(case):
     assert v.current_slice == v.slider.value != first
     assert v.image.value != png
     s, l = viz.display_stack(hu, lab)
-    assert np.array_equal(v.rgb, viz.render_slice(s[..., v.current_slice], l[..., v.current_slice]))
+    assert np.array_equal(v.rgb, viewer.render_slice(s[..., v.current_slice], l[..., v.current_slice]))
     before = v.rgb
     v.overlay.value = False
     assert not np.array_equal(v.rgb, before)
     v.window.value = 'abdomen_soft'
-    assert np.array_equal(v.rgb, viz.render_slice(s[..., v.current_slice], None, 'abdomen_soft'))
+    assert np.array_equal(v.rgb, viewer.render_slice(s[..., v.current_slice], None, 'abdomen_soft'))
 
 
 def test_viewer_with_prediction_modes(case):
     hu, lab, _, _ = case
-    v = viz.SliceViewer(hu, lab, pred=np.roll(lab, 2, 0))
+    v = viewer.SliceViewer(hu, lab, pred=np.roll(lab, 2, 0))
     assert list(v.mode.options) == ['labels', 'prediction', 'errors']
     v.mode.value = 'errors'
     k = v.current_slice
@@ -162,7 +165,7 @@ def test_viewer_from_nifti_path(case, tmp_path):
     hu, lab, _, _ = case
     nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / 'volume-0.nii.gz')
     nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / 'segmentation-0.nii.gz')
-    v = viz.SliceViewer(tmp_path / 'volume-0.nii.gz', tmp_path / 'segmentation-0.nii.gz')
+    v = viewer.SliceViewer(tmp_path / 'volume-0.nii.gz', tmp_path / 'segmentation-0.nii.gz')
     from liver_seg.io import CTVolume, to_canonical
     can = lambda a: to_canonical(CTVolume(a, np.eye(4))).array    # an identity affine is RAS: canonical L, A, S flips i
     s, l = viz.display_stack(can(hu), can(lab))
@@ -179,7 +182,7 @@ def test_viewer_from_slice_folder(case, tmp_path):
     for k in range(s.shape[-1]):
         Image.fromarray((viz.display_image(s[..., k]) * 255).astype(np.uint8)).save(tmp_path / 'images' / f'7_{k + 20}.png')
         Image.fromarray(np.array([0, 127, 255], np.uint8)[l[..., k]]).save(tmp_path / 'masks' / f'7_{k + 20}.png')
-    v = viz.SliceViewer(tmp_path)
+    v = viewer.SliceViewer(tmp_path)
     assert v.images.dtype == np.uint8 and v.window.value == 'none'
     assert np.array_equal(v.labels, l)
     assert v.names == list(range(20, 20 + s.shape[-1]))
@@ -190,7 +193,7 @@ def test_viewer_from_slice_folder(case, tmp_path):
 
 def test_real_slices():
     if not (REAL / 'images').is_dir(): pytest.skip('../shared/data/ct-slices not present')
-    v = viz.SliceViewer(REAL, case='1')
+    v = viewer.SliceViewer(REAL, case='1')
     assert v.images.shape[:2] == (512, 512) and v.labels is not None
     before = v.image.value
     v.slider.value = 0
