@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv, io, json, os, re, shutil
 from pathlib import Path
 import numpy as np
-from .io import LiverSegError, CTVolume, ORIENTATION, read_chaos_case, open_nifti, canonical_ornt, to_canonical
+from .io import LiverSegError, CTVolume, ORIENTATION, read_chaos_case, open_nifti, canonical_ornt, to_canonical, refuse_input
 from nibabel.orientations import apply_orientation
 from .windows import get_windows, display_channels, display_stack
 
@@ -63,7 +63,7 @@ def find_cases(src # a LiTS-style folder, a folder of CHAOS-style case folders, 
 # %% ../nbs/03_export.ipynb #0b62924d
 def _open_nifti(path:Path):
     "A NIfTI image kept open for block reads (no mmap: RSS holds blocks, not the file), and its 3D shape"
-    return open_nifti(path, mmap=False, keep_file_open=True)
+    return open_nifti(path, memory=False, mmap=False, keep_file_open=True)  # blocks: the volume need not fit in memory
 
 def _slice_axis(img) -> tuple:
     "(file axis that becomes the canonical slice axis, True if it runs the other way, canonical 3D shape)"
@@ -184,15 +184,45 @@ def _settings(fmt, windows, every) -> dict:
                 jpeg_quality=JPEG_QUALITY if fmt == 'jpg' else None, orientation=ORIENTATION,
                 liver_seg=__version__)
 
-def _start_output(out:Path, settings:dict, force:bool):
-    "Check OUT against the rules above, create its folders, clean temporary files of killed runs"
-    manifest = out/'manifest.csv'
+def _inputs(cases) -> list:
+    "The files and folders `prepare` reads: LiTS volumes and segmentations, CHAOS DICOM and mask folders"
+    found = []
+    for c in cases:
+        if c['kind'] == 'lits': found += [Path(c['volume']), Path(c['labels'])]
+        else: found += [Path(c['folder'])/d for d in (*_DICOM_DIRS, *_MASK_DIRS) if (Path(c['folder'])/d).is_dir()] or [Path(c['folder'])]
+    return found
+
+def _written(out:Path) -> tuple:
+    "(files an earlier export here wrote: 'images/x' names from its manifest and its cases' slice names, its case ids)"
+    manifest, sfile = out/'manifest.csv', out/'prepare.json'
+    files = set()
+    if manifest.exists():
+        with open(manifest, newline='') as f: rows = list(csv.reader(f))
+        if not rows or rows[0] != _COLUMNS:
+            raise LiverSegError(manifest, f"is not a manifest `liver-seg prepare` wrote (columns {rows[0][:6] if rows else []}); choose another OUT")
+        files |= {n for r in rows[1:] for n in r[2:4]}
+    try: old = json.loads(sfile.read_text()) if sfile.exists() else {}
+    except ValueError: old = {}
+    cases = [str(c) for c in old.get('cases', [])] if isinstance(old, dict) else []
+    for c in cases:  # an interrupted export wrote `{case}_{slice:04d}` files of its cases, and no manifest
+        pat = re.compile(rf"{re.escape(c)}_\d{{4,}}\.(png|jpg)")
+        for d in ('images', 'masks'):
+            if (out/d).is_dir(): files |= {f"{d}/{p.name}" for p in (out/d).iterdir() if pat.fullmatch(p.name)}
+    return files, cases
+
+def _start_output(out:Path, settings:dict, force:bool, cases:list) -> set:
+    "Check OUT against the rules above, create its folders, clean temporary files of killed runs; return what an earlier export wrote"
+    manifest, sfile = out/'manifest.csv', out/'prepare.json'
+    for dest in (out/'images', out/'masks', manifest, sfile): refuse_input(dest, _inputs(cases))
     up = next(p for p in [out, *out.parents] if p.exists() or p == p.parent)
     if not up.is_dir(): raise LiverSegError(up, "exists and is not a folder")
-    if manifest.exists():
-        if not force: raise LiverSegError(out, "already prepared (manifest.csv exists); use --force to rewrite it")
-        manifest.unlink()
-    sfile = out/'prepare.json'
+    if not manifest.exists() and not sfile.exists():  # not an export: anything in images/ or masks/ is the user's
+        theirs = sorted(f"{d}/{p.name}" for d in ('images', 'masks') if (out/d).is_dir() for p in (out/d).iterdir()
+                        if not p.name.startswith('.'))
+        if theirs: raise LiverSegError(out, f"holds files that `liver-seg prepare` did not write ({', '.join(theirs[:3])}"
+                                       f"{', ...' if len(theirs) > 3 else ''}): not an earlier export; choose a new or empty folder")
+    if manifest.exists() and not force: raise LiverSegError(out, "already prepared (manifest.csv exists); use --force to rewrite it")
+    written, old_cases = _written(out)
     if sfile.exists() and not force:
         try: old = json.loads(sfile.read_text())
         except ValueError: old = {}
@@ -200,11 +230,14 @@ def _start_output(out:Path, settings:dict, force:bool):
             if old.get(k) != settings[k]:
                 raise LiverSegError(out, f"an interrupted export with {k}={old.get(k)} is here, this one has "
                                          f"{k}={settings[k]}; use --force to start again")
+    if manifest.exists(): manifest.unlink()
     for d in ('images', 'masks'):
         try: (out/d).mkdir(parents=True, exist_ok=True)
         except OSError as e: raise LiverSegError(out/d, f"cannot create the folder: {e.strerror or e}") from None
         for p in (out/d).glob('.*.tmp-*'): p.unlink(missing_ok=True)
-    _write_bytes(sfile, json.dumps(settings, indent=1).encode())
+    ids = sorted(set(old_cases) | {c['case'] for c in cases})  # whose files this folder may hold, if this run is cut short too
+    _write_bytes(sfile, json.dumps({**settings, 'cases': ids}, indent=1).encode())
+    return written
 
 def _n_slices(case) -> int:
     "Number of slices of a case, from the NIfTI header or the DICOM files"
@@ -223,10 +256,13 @@ def _done(f) -> int:
     return r
 
 def _check_cases(cases):
-    "Fail fast, before OUT is touched: every LiTS volume and segmentation opens as 3D and their shapes agree"
+    "Fail fast, before OUT is touched: every LiTS volume and segmentation opens as 3D, their shapes agree, volumes hold HU"
     for c in cases:
         if c['kind'] != 'lits': continue
-        _check_pair(_open_nifti(Path(c['volume']))[0], _open_nifti(Path(c['labels']))[0], c)
+        vimg = _open_nifti(Path(c['volume']))[0]
+        _check_pair(vimg, _open_nifti(Path(c['labels']))[0], c)
+        if vimg.get_data_dtype() == np.uint8 and float(vimg.dataobj.slope) == 1 and float(vimg.dataobj.inter) == 0:
+            raise LiverSegError(c['volume'], "voxels are 8-bit (uint8), not HU: export the CT with its Hounsfield units")
 
 def _pool(workers):
     "Worker processes started from a clean server (forkserver), not forked from a process holding volumes"
@@ -272,7 +308,7 @@ def prepare(src,                        # LiTS-style folder, folder of CHAOS-sty
 def _prepare(cases, out, fmt, every, wins, workers, force, progress) -> Path:
     from concurrent.futures import FIRST_COMPLETED, wait
     from tqdm.auto import tqdm
-    _start_output(out, _settings(fmt, wins, every), force)
+    written = _start_output(out, _settings(fmt, wins, every), force, cases)
     rows, pool, pending = [], (_pool(workers) if workers > 1 else None), set()
     bar = tqdm(total=0, unit='slice', desc='prepare', disable=not progress, leave=False)
     try:
@@ -298,11 +334,9 @@ def _prepare(cases, out, fmt, every, wins, workers, force, progress) -> Path:
     finally:
         bar.close()
         if pool is not None: pool.shutdown(wait=True, cancel_futures=True)
-    if force:  # a rewrite: drop files of the earlier export that are not part of this one
-        keep = {r[2] for r in rows} | {r[3] for r in rows}
-        for d in ('images', 'masks'):
-            for p in (out/d).iterdir():
-                if p.is_file() and f"{d}/{p.name}" not in keep: p.unlink()
+    keep = {r[2] for r in rows} | {r[3] for r in rows}
+    for name in sorted(written - keep):  # files of the earlier export that are not part of this one; never the user's
+        (out/name).unlink(missing_ok=True)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator='\n'); w.writerow(_COLUMNS); w.writerows(rows)
     manifest = out/'manifest.csv'

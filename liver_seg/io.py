@@ -246,10 +246,12 @@ _GEOMETRY = ('qform_code', 'sform_code', 'quatern_b', 'quatern_c', 'quatern_d',
 def write_labels(labels:np.ndarray, # label volume in the input's voxel order, values 0..255
                  like:CTVolume, # the volume the labels belong to: its shape, affine, qform/sform are kept
                  path, # output `.nii` or `.nii.gz`
-                 force:bool=False # overwrite an existing output
+                 force:bool=False, # overwrite an existing output
+                 inputs=() # the command's inputs, which `path` may never be (`refuse_input`)
                 ) -> Path:
     "Write `labels` as a uint8 NIfTI with exactly `like`'s geometry, atomically."
     path = Path(path)
+    check_output(path, force, inputs, folder=False)
     if not path.name.endswith(('.nii', '.nii.gz')): raise LiverSegError(path, "output must end in .nii or .nii.gz")
     labels = np.asarray(labels)
     if labels.shape != tuple(like.shape):
@@ -271,7 +273,7 @@ def write_labels(labels:np.ndarray, # label volume in the input's voxel order, v
         img.header.set_sform(like.affine, code=1)
         img.header.set_xyzt_units('mm')
     img.header.set_slope_inter(1, 0)
-    with atomic_path(path, force) as tmp: nib.save(img, str(tmp))
+    with atomic_path(path, force, inputs) as tmp: nib.save(img, str(tmp))
     return path
 
 # %% ../nbs/00_io.ipynb #32a3ba0c

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .io import (LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, atomic_path, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
+from .io import (LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, atomic_path, check_output, refuse_input, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, IMAGE_EXTS, nifti_stem, case_key, case_sort_key)
 from .windows import volume_channels
 from .model import cpu_has_bf16
@@ -130,7 +130,8 @@ def _check_input(kind, arr, path):
         raise LiverSegError(path, f"this model was trained on 8-bit slice images (input kind 'image'); a {arr.dtype} HU volume "
                             "has no such windowing: use a model trained with `liver-seg prepare` slices (kind 'hu_windows')")
     if kind == 'hu_windows' and arr.dtype == np.uint8:
-        raise LiverSegError(path, "this model needs CT in Hounsfield units (input kind 'hu_windows'); this volume holds 8-bit values")
+        raise LiverSegError(path, "this model needs CT in Hounsfield units (input kind 'hu_windows'); this volume holds 8-bit "
+                            "values (uint8), not HU: give the CT as it came from the scanner (DICOM, or a NIfTI of its HU)")
     if kind not in ('image', 'hu_windows'): raise LiverSegError(path, f"unknown input kind {kind!r} in the model's config.json")
 
 def _gray_channels(g, ks, context, n_in):
@@ -239,7 +240,7 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
     pred = get_predictor(model, device)
     df = find_slice_pairs(folder, masks=False)
     output = Path(output)
-    with atomic_path(output, force) as tmp:
+    with atomic_path(output, force, inputs=[folder, *df['image']]) as tmp:
         tmp.mkdir()
         cases = list(df.groupby('case', sort=False))
         for case, rows in _progress(cases, progress and len(cases) > 1):
@@ -258,8 +259,13 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
     return output
 
 # %% ../nbs/08_predict.ipynb #1c65946b
-def _read_volume(path:Path, kind:str) -> CTVolume:
-    return read_nifti(path) if kind == 'nifti' else read_dicom_series(path)
+def _read_volume(path:Path, kind:str, series:str|None=None) -> CTVolume:
+    return read_nifti(path) if kind == 'nifti' else read_dicom_series(path, series)
+
+def _inputs(model, input:Path, kind:str) -> list:
+    "What a prediction reads, which its output may never be: the input (and a DICOM folder's files) and the model folder"
+    found = [input] + (find_dicom_files(input) if kind == 'dicom' else [])
+    return found + ([Path(model)] if isinstance(model, (str, Path)) else [])
 
 def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  input, # NIfTI file, DICOM folder, slice folder, or a folder of volumes
@@ -273,15 +279,17 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  progress:bool=True, # show a progress bar
                  allow_pickle:bool=False, # a model folder without weights may fall back to learner.pkl (runs code from it)
                  part:str='1/1', # folder of volumes: predict only share i of n ('i/n'), for job arrays
-                 workers:int=1 # folder of volumes: processes sharing the volumes
+                 workers:int=1, # folder of volumes: processes sharing the volumes
+                 series:str|None=None # DICOM folder: SeriesInstanceUID of the series to segment, when it holds several
                 ) -> Path: # the output written
     "Segment INPUT with a model and write OUTPUT in the input's geometry (volumes) or under its names (slices)"
     input, output = Path(input), Path(output)
     kind = _input_kind(input)
     if kind != 'volumes' and (part not in (None, '1/1') or workers != 1):
         raise LiverSegError(input, "--part and --workers share a folder of volumes; this is a single volume or slice folder")
-    if output.exists() and not force and kind != 'volumes': raise LiverSegError(output, "exists; use --force to overwrite")
+    if series is not None and kind != 'dicom': raise LiverSegError(input, "--series picks a series of a DICOM folder; this is not one")
     is_nii = nifti_stem(output) is not None
+    if kind != 'volumes': check_output(output, force, _inputs(model, input, kind), folder=not is_nii) # before any work
     if kind == 'volumes':
         if is_nii: raise LiverSegError(output, "a folder of volumes gives a folder of .nii.gz files, not one NIfTI file")
         return predict_volumes(model, input, output, part=part, workers=workers, batch_size=batch_size, device=device, tta=tta,
@@ -291,12 +299,14 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
         if is_nii: raise LiverSegError(output, "a slice folder gives a folder of mask PNGs, not a NIfTI file")
         return predict_slices(pred, input, output, batch_size, device, tta, bool(postprocess), encoding, force, progress)
     if not is_nii: raise LiverSegError(output, "output of a volume must end in .nii.gz (or .nii)")
-    return _predict_file(pred, input, kind, output, batch_size, tta, postprocess is None or postprocess, force, progress)
+    return _predict_file(pred, input, kind, output, batch_size, tta, postprocess is None or postprocess, force, progress,
+                         series, _inputs(model, input, kind))
 
-def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int, tta:bool, postprocess:bool, force:bool, progress:bool) -> Path:
+def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int, tta:bool, postprocess:bool, force:bool, progress:bool,
+                  series:str|None=None, inputs=()) -> Path:
     "Read one volume, segment it, post-process it in place, and write `dest` atomically in its geometry"
     _check_orientation(pred)  # before reading a volume it cannot be used on
-    vol = _read_volume(src, kind)
+    vol = _read_volume(src, kind, series)
     can = to_canonical(vol)
     labels = _canonical_labels(pred, can, batch_size, tta, progress)
     spacing = can.spacing
@@ -304,7 +314,7 @@ def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int,
     if postprocess:
         from liver_seg.postprocess import postprocess as _post
         labels = _post(labels, spacing=spacing, out=labels)  # in place: no second label volume
-    return write_labels(from_canonical(labels, vol), vol, dest, force=force)
+    return write_labels(from_canonical(labels, vol), vol, dest, force=force, inputs=[src, *inputs])
 
 # %% ../nbs/08_predict.ipynb #e9f71281
 def volume_files(folder) -> list: # NIfTI files and DICOM series folders, sorted by case number
@@ -360,6 +370,7 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
     if dup is not None: raise LiverSegError(dup, f"another volume in the folder would also be predicted to {prediction_name(dup)}")
     mine = list(zip(srcs, names))[i - 1::n]
     if out_dir.exists() and not out_dir.is_dir(): raise LiverSegError(out_dir, "exists and is not a folder")
+    for _, nm in mine: refuse_input(out_dir/nm, [*srcs, folder] + ([Path(model)] if isinstance(model, (str, Path)) else []))
     if not force:
         taken = next((out_dir/nm for _, nm in mine if (out_dir/nm).exists()), None)
         if taken is not None: raise LiverSegError(taken, "exists; use --force to overwrite")
