@@ -16,6 +16,8 @@ import argparse, json, os, shlex, shutil, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from cpuflags import cpu_summary  # noqa: E402
 REAL = ROOT.parent/'shared'/'data'/'ct-slices'
 
 
@@ -84,7 +86,7 @@ def main():
     print(df[['case', 'liver_dice', 'tumor_dice']].to_string(index=False, float_format='{:.4f}'.format))
     print(f"mean liver Dice {df.liver_dice.mean():.4f}, mean tumour Dice {df.tumor_dice.mean():.4f}")
     print(f"train time {rec.get('train_seconds', float('nan'))/60:.1f} min (fit; train command wall {t_train_wall/60:.1f} min), "
-          f"predict {t_pred:.0f} s, wall {(time.time() - t_start)/60:.1f} min")
+          f"predict {t_pred:.0f} s, wall {(time.time() - t_start)/60:.1f} min  [{cpu_summary()}]")
     print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
 
 

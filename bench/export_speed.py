@@ -21,6 +21,8 @@ import argparse, json, os, subprocess, sys, tempfile, textwrap, time
 from pathlib import Path
 
 import numpy as np
+sys.path.insert(0, str(Path(__file__).parent))
+from cpuflags import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
@@ -152,6 +154,7 @@ def main():
     ap.add_argument('--skip-seed', action='store_true')
     ap.add_argument('--gz', action='store_true', help='write .nii.gz instead of .nii')
     a = ap.parse_args()
+    print(f"CPU: {cpu_summary()}")
     print(f"CPUs: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, workers for prepare: {a.workers}")
     with tempfile.TemporaryDirectory() as d:
         d = Path(d); src = d/'src'
@@ -172,7 +175,7 @@ def main():
                   f"{seed['wall']:.2f} s process, peak RSS {seed['rss_mb']:.0f} MB")
             print(f"ratio : {seed['work']/ours['work']:.1f}x faster (work, ours with workers={ours['workers']}), "
                   f"{seed['wall']/ours['wall']:.1f}x (whole process), "
-                  f"{seed['cpu']/ours['cpu']:.1f}x less CPU time")
+                  f"{seed['cpu']/ours['cpu']:.1f}x less CPU time  [{cpu_summary()}]")
             ks = [0, a.slices//3, a.slices//2, a.slices - 1]
             same, diff, masks = compare(d/'seed', d/f"ours{ours['workers']}", ks)
             print(f"pixels: {same}/{len(ks)} JPEG files byte-identical, max decoded difference {diff} grey levels, "

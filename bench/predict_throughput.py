@@ -24,6 +24,8 @@ import argparse, json, os, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 warnings.filterwarnings('ignore')
 import numpy as np
+sys.path.insert(0, str(Path(__file__).parent))
+from cpuflags import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -170,6 +172,7 @@ def main():
     from liver_seg.model import cpu_has_bf16
     work = Path(a.workdir or tempfile.mkdtemp(prefix='predict_bench_'))
     work.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {cpu_summary()}")
     print(f"CPU threads {torch.get_num_threads()}, native bf16: {cpu_has_bf16()}, load average {os.getloadavg()[0]:.1f}, work dir {work}")
     prec = 'bf16' if cpu_has_bf16() else 'fp32'
     import inspect
@@ -227,7 +230,7 @@ def compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc):
         ins = f"{inner:8.1f} {a.slices/inner:9.2f}" if inner else f"{'-':>8s} {'-':>9s}"
         print(f"{name:78s} {w:7.1f} {a.slices/w:9.2f} {ins} {rss:7.0f}")
     seed_w, seed_in = rows[0][1], rows[0][2]
-    print(f"\nspeed-up, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, predict_path {seed_w/rows[2][1]:.1f}x")
+    print(f"\nspeed-up, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, predict_path {seed_w/rows[2][1]:.1f}x  [{cpu_summary()}]")
     print(f"speed-up, timed region only (seed without imports/load_learner vs predict_path call): {seed_in/rows[2][2]:.1f}x")
     print(f"with last_cross={not default_lc}: end to end {seed_w/rows[3][1]:.1f}x, timed region {seed_in/rows[3][2]:.1f}x")
     print(f"bottle=True: end to end {seed_w/rows[4][1]:.1f}x, timed region {seed_in/rows[4][2]:.1f}x")

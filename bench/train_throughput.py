@@ -14,6 +14,8 @@ from pathlib import Path
 warnings.filterwarnings('ignore')
 import numpy as np
 import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from cpuflags import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent/'shared'/'data'/'ct-slices'
@@ -105,6 +107,7 @@ def main():
     if a.threads: torch.set_num_threads(a.threads)
     from liver_seg.model import cpu_has_bf16 as cpu_bf16_fast
     from fastai.torch_core import set_seed
+    print(f'CPU: {cpu_summary()}')
     print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability '
           f'{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_bf16_fast()}, load avg {os.getloadavg()}')
     per_round = max(1, a.steps // a.rounds)
@@ -132,7 +135,7 @@ def main():
         print(f'{k:28s}: median {med:.3f} s/step, mean {statistics.mean(ts):.3f}, {a.bs/med:6.1f} slices/s over {len(ts)} steps')
     f32, b16 = res[F32], res[B16]
     best = {k: min(ts) for k, ts in times.items()}
-    print(f'speed-up, same network (median step time, same run): {f32/b16:.2f}x')
+    print(f'speed-up, same network (median step time, same run): {f32/b16:.2f}x  [{cpu_summary()}]')
     print(f'speed-up, same network (fastest step of each, least disturbed by other load): '
           f"{best[F32]/best[B16]:.2f}x ({best[F32]:.2f} vs {best[B16]:.2f} s/step)")
     print(f"speed-up, bottle=True against fastai default fp32 (median): {f32/res[BOT]:.2f}x   (target >= 3.5x); "
