@@ -94,14 +94,15 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             allow_pickle:bool=False, # load learner.pkl instead of the weights (runs code from the file)
             part:Annotated[str, dict(metavar='I/N')]='1/1', # folder of volumes: predict only share I of N, e.g. one job of a job array
             workers:_N=1,           # folder of volumes: processes sharing the volumes on this machine
-            force:bool=False,       # replace an existing output
+            series:Annotated[str, dict(metavar='UID')]=None, # DICOM folder holding several series: the SeriesInstanceUID of the one to segment
+            force:bool=False,       # replace an existing output (never an input)
             Quiet:bool=False):      # no progress bars or per-volume lines: only the last line
     "Segment a CT volume or a slice folder with a trained model"
     _exists(model_dir, input)
     from liver_seg.predict import predict_path
     res = predict_path(model_dir, input, output, device=device, batch_size=batch_size, tta=tta,
                        postprocess=None if postprocess else False, # None: on for volumes, off for slice folders
-                       encoding=encoding, allow_pickle=allow_pickle, part=part, workers=workers, force=force,
+                       encoding=encoding, allow_pickle=allow_pickle, part=part, workers=workers, series=series, force=force,
                        progress=not Quiet)
     print(f"prediction: {res}")
     return res

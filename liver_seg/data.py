@@ -13,8 +13,8 @@ import pandas as pd
 from .io import LiverSegError, ORIENTATION, find_slice_pairs, read_image, read_mask, decode_mask, case_sort_key
 
 # %% auto #0
-__all__ = ['toy_slice_folder', 'mask_encoding', 'slice_items', 'SliceImage', 'SliceMask', 'CaseSplitter', 'data_stats',
-           'slice_stats', 'case_summary', 'input_spec', 'train_crop', 'seg_dataloaders']
+__all__ = ['toy_slice_folder', 'mask_encoding', 'check_export', 'slice_items', 'SliceImage', 'SliceMask', 'CaseSplitter',
+           'data_stats', 'slice_stats', 'case_summary', 'input_spec', 'train_crop', 'seg_dataloaders']
 
 # %% ../nbs/04_data.ipynb #c0eb6647
 def toy_slice_folder(folder, # where to write images/ and masks/ (created)
@@ -65,9 +65,25 @@ def _check_sizes(df):
         with Image.open(img) as a, Image.open(msk) as b:
             if a.size != b.size: raise LiverSegError(msk, f"mask is {b.size[0]}x{b.size[1]} but its image {Path(img).name} is {a.size[0]}x{a.size[1]}")
 
+def check_export(path): # a slice folder
+    "Refuse a `liver-seg prepare` output that never finished: `prepare.json` without `manifest.csv`, or listed files missing"
+    path = Path(path)
+    manifest = path/'manifest.csv'
+    if (path/'prepare.json').exists() and not manifest.exists():
+        raise LiverSegError(path, "an unfinished `liver-seg prepare` export (prepare.json but no manifest.csv): "
+                            "run `liver-seg prepare` again to finish it")
+    if not manifest.exists(): return
+    try: listed = pd.read_csv(manifest)
+    except Exception as e: raise LiverSegError(manifest, f"not readable ({type(e).__name__}): run `liver-seg prepare` again") from None
+    names = [n for col in ('image', 'mask') if col in listed for n in listed[col].astype(str)]
+    missing = [n for n in names if not (path/n).is_file()]
+    if missing: raise LiverSegError(path/missing[0], f"listed in manifest.csv but missing ({len(missing)} of {len(names)} files): "
+                                    "an export that did not finish; run `liver-seg prepare` again")
+
 def slice_items(path, # a slice folder
                 masks:bool=True): # require masks (training); False lists images only
     "DataFrame of the slices in `path`: case, slice, image, mask, prev, next (neighbours in the case), sorted"
+    if masks: check_export(path)
     df = find_slice_pairs(path, masks=masks).reset_index(drop=True)
     if not len(df): raise LiverSegError(path, "no slice images found")
     for col in ('image', 'mask'):

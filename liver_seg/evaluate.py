@@ -10,7 +10,7 @@ import math, sys
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
-from .io import (LiverSegError, to_canonical, atomic_path, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
+from .io import (LiverSegError, to_canonical, atomic_path, check_output, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
                           nifti_stem, case_key, case_sort_key)
 from .postprocess import mask_bbox
 
@@ -213,7 +213,7 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
     pred, gt = Path(pred), Path(gt)
     for p in (pred, gt):
         if not p.exists(): raise LiverSegError(p, "no such file or folder")
-    note = []
+    note, inputs = [], [pred, gt]  # the CSV may never be one of these
     if pred.is_file() and gt.is_file():
         for p in (pred, gt):
             if nifti_stem(p) is None: raise LiverSegError(p, "expected a .nii or .nii.gz file")
@@ -224,6 +224,7 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
             for p, n in ((pred, pn), (gt, gn)):
                 if not n: raise LiverSegError(p, "no NIfTI files (the other folder has some)")
             pairs = {k: (pn[k], gn[k]) for k in sorted(set(pn) & set(gn), key=case_sort_key)}
+            inputs += [*pn.values(), *gn.values()]
             jobs = [(k, (lambda a=a, b=b: _nifti_case(a, b))) for k, (a, b) in pairs.items()]
             only_p, only_g = sorted(set(pn) - set(gn), key=case_sort_key), sorted(set(gn) - set(pn), key=case_sort_key)
         else:
@@ -231,6 +232,7 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
             for p, n in ((pred, pm), (gt, gm)):
                 if not n: raise LiverSegError(p, "no NIfTI files and no mask images")
             jobs = []
+            inputs += [p for m in (pm, gm) for c in m.values() for p in c.values()]
             for k in sorted(set(pm) & set(gm), key=case_sort_key):
                 miss = sorted(set(gm[k]) - set(pm[k]))
                 if miss: raise LiverSegError(gm[k][miss[0]], f"no predicted mask for this slice ({len(miss)} slices of case {k} missing in {pred})")
@@ -242,6 +244,7 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
         if only_p: note.append(f"not evaluated, no ground truth: cases {', '.join(only_p)}")
         if not jobs: raise LiverSegError(pred, f"no case in common with {gt}")
     else: raise LiverSegError(pred, f"PRED and GT must both be files or both be folders ({gt} is not the same kind)")
+    if csv is not None: check_output(csv, force, inputs, folder=False)  # before the metrics, not after
     rows = []
     if verbose and len(jobs) > 1 and sys.stderr.isatty(): # a bar on a terminal only, never in the table's stream
         from tqdm import tqdm
@@ -254,6 +257,6 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
     df.attrs['hd95'] = hd95
     if verbose: _report(df, note, pred, gt)
     if csv is not None:
-        with atomic_path(csv, force) as tmp: df.to_csv(tmp, index=False)
+        with atomic_path(csv, force, inputs) as tmp: df.to_csv(tmp, index=False)
         if verbose: print(f"wrote {csv}")
     return df

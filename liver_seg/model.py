@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/model.html.md"""
 
 # %% ../nbs/06_model.ipynb #779c7cb0
 from __future__ import annotations
-import json, os, warnings
+import json, math, os, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -14,8 +14,9 @@ from . import __version__
 from .io import LiverSegError, ORIENTATION, atomic_path
 
 # %% auto #0
-__all__ = ['CODES', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state', 'write_model_files',
-           'save_model_folder', 'cpu_has_bf16', 'read_config', 'load_model_folder', 'load_learner_pkl']
+__all__ = ['CODES', 'CONFIG_SCHEMA', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state',
+           'write_model_files', 'save_model_folder', 'cpu_has_bf16', 'check_config', 'read_config', 'load_model_folder',
+           'load_learner_pkl']
 
 # %% ../nbs/06_model.ipynb #a3b31dbb
 CODES = ['background', 'liver', 'tumor']
@@ -116,8 +117,43 @@ def cpu_has_bf16() -> bool:
     return False
 
 # %% ../nbs/06_model.ipynb #e08c4cda
+def _int(lo, hi): return (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"an integer from {lo} to {hi}")
+def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _nums(v, n=None) -> bool: return isinstance(v, list) and len(v) > 0 and all(_num(x) for x in v) and (n is None or len(v) == n)
+def _one_of(*vals): return (lambda v: v in vals, ' or '.join(map(repr, vals)))
+
+CONFIG_SCHEMA = {  # key: (test of the value, what it may hold); `input` and `normalize` are dicts of their own keys
+    'arch': (lambda v: isinstance(v, str) and v.strip() != '', "an architecture name such as 'resnet34'"),
+    'size': _int(16, 4096), 'n_in': _int(1, 16), 'n_out': _int(2, 64),
+    'codes': (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of class names"),
+    'input.kind': _one_of('image', 'hu_windows'),
+    'input.windows': (lambda v: isinstance(v, list) and all(_nums(w, 2) and w[0] > 0 for w in v), "a list of [width > 0, level] pairs"),
+    'input.freqhist': (lambda v: isinstance(v, bool), "true or false"),
+    'input.context': _int(0, 1),
+    'normalize.mean': (_nums, "a list of numbers"),
+    'normalize.std': (lambda v: _nums(v) and min(v) > 0, "a list of numbers > 0"),
+    'resize': _one_of('squish'),
+    'precision': _one_of('auto', 'fp32', 'bf16', 'fp16'),
+    'orientation': (lambda v: v is None or isinstance(v, str), "a convention name"),
+    'arch_kwargs': (lambda v: isinstance(v, dict), "a dict of U-Net options"),
+}
+
+def check_config(cfg:dict, # a `config.json` dict
+                 path='config.json'): # the file, named in errors
+    "Refuse a config whose values `CONFIG_SCHEMA` does not allow, naming the key, its value and what it may hold"
+    for key, (ok, what) in CONFIG_SCHEMA.items():
+        outer, _, inner = key.partition('.')
+        v = cfg.get(outer, None)
+        if inner:
+            if v is None: continue
+            if not isinstance(v, dict): raise LiverSegError(path, f"{outer!r} is {json.dumps(v)[:40]}, expected a dict")
+            v = v.get(inner, None)
+        if v is None and key not in ('orientation',): continue  # missing: the default applies
+        if not ok(v): raise LiverSegError(path, f"{key!r} is {json.dumps(v)[:40]}, expected {what}")
+    return cfg
+
 def read_config(folder):
-    "The `config.json` dict of model folder `folder`"
+    "The `config.json` dict of model folder `folder`, checked against `CONFIG_SCHEMA`"
     folder = Path(folder)
     if not folder.is_dir(): raise LiverSegError(folder, "model folder not found")
     f = folder/'config.json'
@@ -125,7 +161,7 @@ def read_config(folder):
     try: cfg = json.loads(f.read_text())
     except (ValueError, UnicodeDecodeError) as e: raise LiverSegError(f, f"not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or 'arch' not in cfg: raise LiverSegError(f, "no 'arch' in the config")
-    return default_config(**{'orientation': None, **cfg})  # a folder from before the convention says so
+    return default_config(**{'orientation': None, **check_config(cfg, f)})  # a folder from before the convention says so
 
 def _read_weights(folder):
     from safetensors.torch import load_file
