@@ -254,13 +254,13 @@ def montage_slices(labels, # H x W x N labels (or None)
                    n, # number of slices, or explicit indices
                    n_slices:int, # slices in the stack
                   ) -> list:
-    "Indices of `n` slices evenly spread over the labelled extent (or over all slices)."
+    "Indices of `n` slices evenly spread over the slices that hold a label (or over all slices)."
     if not isinstance(n, (int, np.integer)): return [int(i) for i in n]
-    lo, hi = 0, n_slices - 1
+    present = np.arange(n_slices)
     if labels is not None:
-        present = np.flatnonzero(np.asarray(labels).reshape(-1, n_slices).any(0))
-        if len(present): lo, hi = int(present[0]), int(present[-1])
-    return sorted(set(np.linspace(lo, hi, min(n, hi - lo + 1)).round().astype(int).tolist()))
+        found = np.flatnonzero(np.asarray(labels).reshape(-1, n_slices).any(0))
+        if len(found): present = found
+    return sorted(set(present[np.linspace(0, len(present) - 1, min(n, len(present))).round().astype(int)].tolist()))
 
 def plot_montage(volume, # X x Y x Z volume, H x W x N stack, list of slices, or a `CTVolume`
                  labels=None, # labels in the same layout (or None)
@@ -280,7 +280,8 @@ def plot_montage(volume, # X x Y x Z volume, H x W x N stack, list of slices, or
     if pred is not None:
         if labs is None: raise ValueError("pred needs labels to compare against")
         _, pred = display_stack(volume, pred, orient)
-    idx = montage_slices(labs, n, imgs.shape[-1])
+    shown = labs if pred is None else CLASSES[cls](labs) | CLASSES[cls](pred) # error maps: slices where the class is, in either
+    idx = montage_slices(shown, n, imgs.shape[-1])
     if pred is not None and title is None: title = f'{cls}: prediction against truth'
     fig, axs = _figure(len(idx), ncols=ncols, panel=2.4, dpi=dpi, title=title)
     for ax, i in zip(axs, idx):
