@@ -192,7 +192,8 @@ def plot_preview(labels, # labels in `volume`'s voxel order (array or `CTVolume`
                  ncols:int=4, # panels per row
                  window='abdomen_soft', # `liver_seg.viz` window: preset name or (width, level)
                  title=None, # figure title; default: the volume's file name
-                 dpi:int=80):
+                 dpi:int=80 # resolution; a panel is 2.4 inches wide
+                ) -> Figure: # on the Agg canvas (never pyplot)
     "Montage of axial slices through the liver: radiological view, label outlines, A/P R/L marks, 5 cm bar, z in mm"
     lab = labels_on_grid(labels, volume.shape, volume.affine, getattr(labels, 'path', None) or 'labels')
     can = to_canonical(volume)
