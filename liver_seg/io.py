@@ -181,22 +181,30 @@ def _check_geometry(img, path:Path):
         raw = nib.openers.ImageOpener(str(path))  # the header as stored: nibabel replaces a zero pixdim by 1
         with raw as f: zooms = type(hdr).from_fileobj(f, check=False)['pixdim'][1:4]
         if not (np.isfinite(zooms).all() and (zooms != 0).all()):
-            raise LiverSegError(path, f"voxel spacing (pixdim) is {tuple(float(z) for z in zooms)} mm: zero or not finite")
+            raise LiverSegError(path, f"voxel spacing (pixdim) is {tuple(round(float(z), 4) for z in zooms)} mm: zero or not finite")
     aff = np.asarray(img.affine, float)
     norms = np.sqrt((aff[:3, :3]**2).sum(0)) if np.isfinite(aff).all() else np.zeros(3)
     if (norms < 1e-6).any() or abs(np.linalg.det(aff[:3, :3])) < 1e-9*np.prod(norms):
         raise LiverSegError(path, f"voxel spacing {tuple(round(float(n), 4) for n in norms)} mm (from the affine): "
                             "zero, not finite, or axes that are not independent")
 
+@contextmanager
+def _nibabel_quiet():
+    "nibabel's header warnings (e.g. 'pixdim[1,2,3] should be non-zero') off: a problem is refused in one line, or is none"
+    import logging
+    log = logging.getLogger('nibabel.global')
+    was, log.disabled = log.disabled, True
+    try: yield
+    finally: log.disabled = was
+
 def open_nifti(path, # a .nii or .nii.gz file
                memory:bool=True, # refuse a volume larger than the memory available (False: the caller reads blocks)
                **load_kw): # passed to `nib.load` (e.g. `mmap=False, keep_file_open=True` for block reads)
     "Open a NIfTI file without reading voxels: (image, 3D shape); refuse what is not a 3D gray volume with a geometry."
-    from nibabel.imageglobals import LoggingOutputSuppressor
     path = Path(path)
     if not path.is_file(): raise LiverSegError(path, "no such file")
     try:
-        with LoggingOutputSuppressor(): img = nib.load(str(path), **load_kw)  # no log lines on stderr
+        with _nibabel_quiet(): img = nib.load(str(path), **load_kw)  # no log lines on stderr
     except Exception as e: raise LiverSegError(path, f"not a readable NIfTI file, or truncated ({type(e).__name__}: {e})") from None
     shape = tuple(img.shape)
     while len(shape) > 3 and shape[-1] == 1: shape = shape[:-1]
@@ -206,7 +214,7 @@ def open_nifti(path, # a .nii or .nii.gz file
         what = 'RGB' if dt.fields is not None else {'c': 'complex', 'b': 'boolean'}.get(dt.kind, str(dt))
         raise LiverSegError(path, f"voxels are {what} ({dt}), expected one gray value (HU or label) per voxel")
     _check_declared(img, path, memory)
-    _check_geometry(img, path)
+    with _nibabel_quiet(): _check_geometry(img, path)  # the affine is made on first use, with the same log line
     return img, shape
 
 def read_nifti(path) -> CTVolume: # int16, uint8 or float32 voxels with the file's affine and header
