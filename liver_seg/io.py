@@ -371,8 +371,8 @@ def _dcm_headers(folder, series:str|None=None):
             if ds.get(k, None) is None: raise LiverSegError(f, f"missing {k}")
         if int(ds.get('NumberOfFrames', 1) or 1) > 1: raise LiverSegError(f, "multi-frame DICOM is not supported")
     if len(groups) > 1:
-        if all(k[0] for k in groups):
-            raise LiverSegError(folder, f"{len(groups)} series: {_series_list(groups)}; choose one with --series UID")
+        if any(k[0] for k in groups):  # at least one can be chosen by its UID
+            raise LiverSegError(folder, f"{len(groups)} series found: {_series_list(groups)}; choose one with --series UID")
         (_, a), (_, b) = list(groups.items())[:2]
         differ = [n for n, x, y in zip(_KEY_NAMES, _series_key(a[0][1])[1:], _series_key(b[0][1])[1:]) if x != y]
         raise LiverSegError(folder, f"{len(groups)} series without SeriesInstanceUID, told apart by {', '.join(differ)} "

@@ -343,7 +343,7 @@ def _exam(t):
 @case('predict-dicom-localizer-and-axial-series')
 def _(t, d):
     s = _exam(t)
-    return P(d, 'hu_windows', s, t/'pred.nii.gz', s, r"2 series: 1\.2\.826\.0\.1\.9 CT 'Localizer' \(2 slices\); .* CT 'ABDOMEN 5mm' \(4 slices\); choose one with --series UID")
+    return P(d, 'hu_windows', s, t/'pred.nii.gz', s, r"2 series found: 1\.2\.826\.0\.1\.9 CT 'Localizer' \(2 slices\); .* CT 'ABDOMEN 5mm' \(4 slices\); choose one with --series UID")
 
 @case('predict-dicom-series-chosen')
 def _(t, d):
