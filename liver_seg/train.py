@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
-from .io import LiverSegError, atomic_path, _WRITE_ERRNOS
+from .io import LiverSegError, atomic_path, refuse_input, _WRITE_ERRNOS
 from .data import seg_dataloaders
 from .metrics import get_loss, seg_metrics, LOSSES
 from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
@@ -80,6 +80,8 @@ def _check_options(o):
     if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
     if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
     if o.fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {o.fit!r}: use one_cycle or fine_tune")
+    o.inputs = [Path(o.data)] + ([Path(o.weights)] if o.weights is not None else [])
+    refuse_input(o.out, o.inputs) # --force never replaces the slices (or weights) it trains on
     if o.out.exists() and not o.force: raise LiverSegError(o.out, "exists; use --force to overwrite")
     if o.resume and o.fit != 'one_cycle': raise LiverSegError('--resume', "continues one-cycle runs only (fit='one_cycle')")
     o.rank, local_rank, o.world = distributed_env() or (0, 0, 1)
@@ -185,7 +187,7 @@ def _write_model_folder(o, learn, cfg, run):
     plot_learning_curves(history, run/'learning_curves.png', o.history.batch_losses)
     learn.remove_cbs(o.run_cbs + list(o.cbs or []))
     learn.export(run/'learner.pkl')
-    with atomic_path(o.out, force=o.force) as tmp:
+    with atomic_path(o.out, force=o.force, inputs=o.inputs) as tmp:
         os.replace(run, tmp)
         for f in Path(tmp).iterdir(): # checkpoints, and temporaries a killed earlier attempt left
             if f.name in ('best.pth', 'last.pth', 'recipe.json') or f.name.startswith('.'): f.unlink()

@@ -322,6 +322,12 @@ def _(t, d):
     return S(['train', data, '--out', t/'model', *FAST, '-q'], 'volume-0_0003.png', r'missing.*liver-seg prepare', t/'model', [data])
 
 
+@case('train-out-is-its-own-data-with-force')
+def _(t, d):
+    data = slice_folder(t/'slices')
+    return S(['train', data, '--out', data, '--force', *FAST, '-q'], data, r'is an input of this command', None, [data],
+             check=lambda res: [] if 'use --force' not in res.stderr else ['the refusal suggests --force'])
+
 # ================================================================== 8. smaller ones
 
 @case('predict-uint8-nifti-with-a-hu-model')
