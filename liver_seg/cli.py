@@ -95,17 +95,34 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             part:Annotated[str, dict(metavar='I/N')]='1/1', # folder of volumes: predict only share I of N, e.g. one job of a job array
             workers:_N=1,           # folder of volumes: processes sharing the volumes on this machine
             series:Annotated[str, dict(metavar='UID')]=None, # DICOM folder holding several series: the SeriesInstanceUID of the one to segment
+            statistics:bool=False,  # volumes: also OUTPUT's name + .json (volumes in mL, mean HU, each lesion; a CSV of all for a folder)
+            preview:bool=False,     # volumes: also OUTPUT's name + .png, a montage through the liver with the labels outlined
+            probabilities:bool=False, # volumes: also OUTPUT's name + _probabilities.nii.gz, the softmax per class (before post-processing)
+            format:Annotated[str, dict(choices=['nifti', 'dicom-seg'])]='nifti', # dicom-seg: OUTPUT.dcm, a DICOM Segmentation of a DICOM series
             force:bool=False,       # replace an existing output (never an input)
             Quiet:bool=False):      # no progress bars or per-volume lines: only the last line
     "Segment a CT volume or a slice folder with a trained model"
     _exists(model_dir, input)
     from liver_seg.predict import predict_path
+    from liver_seg import report
+    if format == 'dicom-seg' and not str(output).lower().endswith('.dcm'): raise LiverSegError(output, "a DICOM SEG output must end in .dcm")
+    extras = [('.json', report.write_label_statistics)] * statistics + [('.png', report.write_preview)] * preview
     res = predict_path(model_dir, input, output, device=device, batch_size=batch_size, tta=tta,
                        postprocess=None if postprocess else False, # None: on for volumes, off for slice folders
                        encoding=encoding, allow_pickle=allow_pickle, part=part, workers=workers, series=series, force=force,
-                       progress=not Quiet)
+                       progress=not Quiet, probabilities=probabilities, extras=extras,
+                       writer=report.write_dicom_seg if format == 'dicom-seg' else None)
+    if statistics and Path(res).is_dir() and part in (None, '1/1'): _statistics_table(Path(input), Path(res), force)
     print(f"prediction: {res}")
     return res
+
+def _statistics_table(folder:Path, out_dir:Path, force:bool):
+    "One CSV of the statistics of every volume of a folder, beside their JSON files"
+    import json
+    from liver_seg.predict import volume_files, prediction_name, side_path
+    from liver_seg.report import write_statistics_table
+    stats = [json.loads(side_path(out_dir/prediction_name(p), '.json').read_text()) for p in volume_files(folder)]
+    write_statistics_table(stats, out_dir/'statistics.csv', force=force)
 
 # %% ../nbs/13_cli.ipynb #ed21bd07
 def evaluate(pred:str,       # predicted NIfTI, folder of NIfTI, or mask folder

@@ -16,10 +16,10 @@ import nibabel as nib
 
 # %% auto #0
 __all__ = ['CANONICAL', 'ORIENTATION', 'IMAGE_EXTS', 'LiverSegError', 'refuse_input', 'check_output', 'atomic_path', 'CTVolume',
-           'available_memory', 'open_nifti', 'read_nifti', 'read_labels', 'write_labels', 'find_dicom_files',
-           'dicom_series', 'read_dicom_series', 'canonical_ornt', 'to_canonical', 'from_canonical', 'to_display',
-           'from_display', 'parse_slice_name', 'decode_mask', 'read_image', 'read_mask', 'case_sort_key', 'nifti_stem',
-           'case_key', 'find_slice_pairs', 'read_slice_volume', 'read_chaos_case']
+           'available_memory', 'open_nifti', 'read_nifti', 'read_labels', 'nifti_like', 'write_labels',
+           'find_dicom_files', 'dicom_series', 'read_dicom_series', 'canonical_ornt', 'to_canonical', 'from_canonical',
+           'to_display', 'from_display', 'parse_slice_name', 'decode_mask', 'read_image', 'read_mask', 'case_sort_key',
+           'nifti_stem', 'case_key', 'find_slice_pairs', 'read_slice_volume', 'read_chaos_case']
 
 # %% ../nbs/00_io.ipynb #4d5845de
 class LiverSegError(Exception):
@@ -251,6 +251,26 @@ def read_labels(path) -> CTVolume: # uint8 labels with the file's affine and hea
 _GEOMETRY = ('qform_code', 'sform_code', 'quatern_b', 'quatern_c', 'quatern_d',
              'qoffset_x', 'qoffset_y', 'qoffset_z', 'srow_x', 'srow_y', 'srow_z', 'pixdim', 'xyzt_units')
 
+def nifti_like(data:np.ndarray, # voxels in `like`'s voxel order (its 3 dimensions first); any dtype nibabel writes
+               like:CTVolume, # the volume whose geometry the image gets
+               slope:float=1.): # scl_slope: readers see `data * slope`
+    "A NIfTI image of `data` with exactly `like`'s geometry: its header's qform/sform fields, or a DICOM series' affine"
+    hdr = like.header
+    if isinstance(hdr, nib.nifti1.Nifti1Header):
+        cls = nib.Nifti2Image if isinstance(hdr, nib.nifti2.Nifti2Header) else nib.Nifti1Image
+        new = hdr.copy()
+        new.set_data_dtype(data.dtype)
+        img = cls(data, like.affine, new)
+        for k in _GEOMETRY: img.header[k] = hdr[k]
+        img.header.set_data_shape(data.shape)
+    else:  # DICOM input: scanner coordinates in both forms, as dcm2niix writes them
+        img = nib.Nifti1Image(data, like.affine)
+        img.header.set_qform(like.affine, code=1)
+        img.header.set_sform(like.affine, code=1)
+        img.header.set_xyzt_units('mm')
+    img.header.set_slope_inter(slope, 0)
+    return img
+
 def write_labels(labels:np.ndarray, # label volume in the input's voxel order, values 0..255
                  like:CTVolume, # the volume the labels belong to: its shape, affine, qform/sform are kept
                  path, # output `.nii` or `.nii.gz`
@@ -267,20 +287,7 @@ def write_labels(labels:np.ndarray, # label volume in the input's voxel order, v
     if labels.dtype != np.uint8:
         if labels.size and (labels.min() < 0 or labels.max() > 255): raise LiverSegError(path, "labels outside 0..255")
         labels = labels.astype(np.uint8)
-    hdr = like.header
-    if isinstance(hdr, nib.nifti1.Nifti1Header):
-        cls = nib.Nifti2Image if isinstance(hdr, nib.nifti2.Nifti2Header) else nib.Nifti1Image
-        new = hdr.copy()
-        new.set_data_dtype(np.uint8)
-        img = cls(labels, like.affine, new)
-        for k in _GEOMETRY: img.header[k] = hdr[k]
-        img.header.set_data_shape(labels.shape)
-    else:  # DICOM input: scanner coordinates in both forms, as dcm2niix writes them
-        img = nib.Nifti1Image(labels, like.affine)
-        img.header.set_qform(like.affine, code=1)
-        img.header.set_sform(like.affine, code=1)
-        img.header.set_xyzt_units('mm')
-    img.header.set_slope_inter(1, 0)
+    img = nifti_like(labels, like)
     with atomic_path(path, force, inputs) as tmp: nib.save(img, str(tmp))
     return path
 
@@ -480,23 +487,27 @@ def to_canonical(vol:CTVolume, # a volume as read from its file
     # header=None: the file's header describes the file's voxel order, not this one
     return CTVolume(arr, np.asarray(vol.affine) @ inv_ornt_aff(t, vol.shape), None, vol.path)
 
-def from_canonical(arr, # an array in the canonical order of `like` (e.g. predicted labels)
+def from_canonical(arr, # an array in the canonical order of `like` (e.g. predicted labels; more axes may follow)
                    like:CTVolume # the volume as read from its file
                   ) -> np.ndarray: # `arr` in `like`'s own voxel order (a view)
     "Undo `to_canonical`: put an array back into the voxel order of the file `like` was read from"
     arr = np.asanyarray(arr)
     back = apply_orientation(arr, ornt_transform(axcodes2ornt(CANONICAL), io_orientation(np.asarray(like.affine))))
-    if back.shape != tuple(like.shape):
+    if back.shape[:3] != tuple(like.shape): # axes after the third (classes, channels) come along
         raise ValueError(f"array of shape {arr.shape} is not in the canonical order of a {tuple(like.shape)} volume")
     return back
 
-def to_display(slice2d:np.ndarray) -> np.ndarray:
+def to_display(slice2d:np.ndarray, # a slice `arr[:, :, k]` (more axes may follow: a stack, channels)
+               axes=(0, 1) # the slice's two axes, for stacks laid out otherwise
+              ) -> np.ndarray: # a view
     "Radiological view of a slice `arr[:, :, k]` of a canonical volume (the seed's `np.rot90`)"
-    return np.rot90(slice2d)
+    return np.rot90(slice2d, 1, axes)
 
-def from_display(img:np.ndarray) -> np.ndarray:
+def from_display(img:np.ndarray, # a slice in display orientation (or a stack of them)
+                 axes=(0, 1) # the slice's two axes
+                ) -> np.ndarray: # a view
     "Undo `to_display`: a slice in display orientation back to canonical voxel order"
-    return np.rot90(img, -1)
+    return np.rot90(img, -1, axes)
 
 # %% ../nbs/00_io.ipynb #de0ef600
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')

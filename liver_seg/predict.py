@@ -9,16 +9,17 @@ from __future__ import annotations
 import contextlib, math
 from pathlib import Path
 import numpy as np
+import nibabel as nib
 import torch
 import torch.nn.functional as F
-from .io import (LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, atomic_path, check_output, refuse_input, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
+from .io import (LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, IMAGE_EXTS, nifti_stem, case_key, case_sort_key)
 from .windows import volume_channels
 from .model import cpu_has_bf16
 
 # %% auto #0
-__all__ = ['resolve_device', 'Predictor', 'get_predictor', 'predict_volume', 'predict_slices', 'predict_path', 'volume_files',
-           'prediction_name', 'parse_part', 'predict_volumes']
+__all__ = ['PROB_SCALE', 'resolve_device', 'Predictor', 'get_predictor', 'predict_volume', 'predict_slices', 'side_path',
+           'write_probabilities', 'predict_path', 'volume_files', 'prediction_name', 'parse_part', 'predict_volumes']
 
 # %% ../nbs/08_predict.ipynb #5bf48594
 def resolve_device(device='auto') -> torch.device:
@@ -107,14 +108,17 @@ def scores(self:Predictor,
 @patch
 def labels(self:Predictor,
            imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation (all the same size)
-           tta:bool=False # flip test-time augmentation
-          ) -> np.ndarray: # uint8 N x H x W labels
+           tta:bool=False, # flip test-time augmentation
+           probabilities:bool=False # also return the softmax per class at the same resolution
+          ) -> np.ndarray: # uint8 N x H x W labels (and float32 N x n_out x H x W probabilities)
     "Labels at the slices' own resolution: logits resized back (bilinear), then argmax"
     out = self.scores(imgs, tta)
     h, w = imgs.shape[1:3]
     if out.shape[-2:] != (h, w):
         out = F.interpolate(out, size=(h, w), mode='bilinear', align_corners=False)
-    return out.argmax(1).to(torch.uint8).cpu().numpy()
+    labels = out.argmax(1).to(torch.uint8).cpu().numpy()
+    if not probabilities: return labels
+    return labels, (out if tta else out.softmax(1)).cpu().numpy()  # with tta the output is already probabilities
 
 # %% ../nbs/08_predict.ipynb #04ab10cb
 def _check_orientation(pred:Predictor):
@@ -149,11 +153,15 @@ def _volume_batch(pred:Predictor, arr, ks):
         if inp.get('context', 0): raise LiverSegError('config.json', "context > 0 is only supported for 'image' models")
         return volume_channels(arr, ks=ks, windows=inp.get('windows', [[150, 30], [200, 60]]), freqhist=inp.get('freqhist', True))
     lo, hi = max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, arr.shape[2])
-    g = np.ascontiguousarray(np.rot90(arr[:, :, lo:hi], axes=(0, 1)).transpose(2, 0, 1))  # display orientation
+    g = np.ascontiguousarray(to_display(arr[:, :, lo:hi]).transpose(2, 0, 1))  # N x H x W, display orientation
     return _gray_channels(g, np.asarray(ks) - lo, inp.get('context', 0), pred.config.get('n_in', 3))
 
 # %% ../nbs/08_predict.ipynb #bdb90911
-def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, progress:bool) -> np.ndarray:
+PROB_SCALE = 65535 # probabilities are stored as uint16 p * PROB_SCALE (NIfTI-1 has no float16; readers apply scl_slope)
+
+def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, progress:bool,
+                      probs:np.ndarray|None=None # uint16 X x Y x Z x n_out to fill with the softmax (canonical order)
+                     ) -> np.ndarray:
     "uint8 labels of a volume in canonical voxel order, a slab of `batch_size` slices at a time"
     arr = can.array
     if arr.ndim != 3: raise LiverSegError(can.path or 'volume', f"expected a 3D volume, got shape {arr.shape}")
@@ -163,8 +171,12 @@ def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, pr
     starts = range(0, arr.shape[2], batch_size)
     for k0 in _progress(starts, progress and len(starts) > 1):
         ks = np.arange(k0, min(k0 + batch_size, arr.shape[2]))
-        lab = pred.labels(_volume_batch(pred, arr, ks), tta)          # N x H x W, display orientation
-        out[:, :, ks[0]:ks[-1] + 1] = np.rot90(lab, -1, axes=(1, 2)).transpose(1, 2, 0)  # from_display
+        res = pred.labels(_volume_batch(pred, arr, ks), tta, probabilities=probs is not None)
+        lab = res[0] if probs is not None else res                    # N x H x W, display orientation
+        out[:, :, ks[0]:ks[-1] + 1] = from_display(lab, axes=(1, 2)).transpose(1, 2, 0)
+        if probs is not None:  # N x C x H x W -> X x Y x N x C
+            p = np.rint(res[1] * PROB_SCALE).astype(np.uint16)
+            probs[:, :, ks[0]:ks[-1] + 1] = from_display(p, axes=(2, 3)).transpose(2, 3, 0, 1)
     return out
 
 def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
@@ -174,17 +186,21 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
                    device='auto', # 'auto', 'cpu' or 'cuda'
                    tta:bool=False, # flip test-time augmentation
                    postprocess:bool=True, # keep the largest liver component, fill holes, drop tumour specks
-                   progress:bool=True # show a progress bar
-                  ) -> np.ndarray: # uint8 labels (X, Y, Z) in the volume's own voxel order: 0 background, 1 liver, 2 tumour
+                   progress:bool=True, # show a progress bar
+                   probabilities:bool=False # also return the softmax per class (before post-processing)
+                  ) -> np.ndarray: # uint8 labels (X, Y, Z) in the volume's own voxel order (and float32 X x Y x Z x n_out probabilities)
     "Segment a volume slice by slice in batches, at full resolution, in canonical orientation; labels in the volume's voxel order"
     pred = get_predictor(model, device)
     if not isinstance(volume, CTVolume): volume = CTVolume(np.asarray(volume), None if affine is None else np.asarray(affine, float))
     can = volume if volume.affine is None else to_canonical(volume)
-    out = _canonical_labels(pred, can, batch_size, tta, progress)
+    probs = np.empty(can.shape + (pred.config.get('n_out', 3),), np.uint16) if probabilities else None
+    out = _canonical_labels(pred, can, batch_size, tta, progress, probs)
     if postprocess:
         from liver_seg.postprocess import postprocess as _post
         out = _post(out, spacing=None if can.affine is None else can.spacing)
-    return out if volume.affine is None else from_canonical(out, volume)
+    back = (lambda a: a) if volume.affine is None else (lambda a: from_canonical(a, volume))
+    if not probabilities: return back(out)
+    return back(out), back(probs).astype(np.float32) / PROB_SCALE
 
 # %% ../nbs/08_predict.ipynb #da9d11d6
 def _dicom_subfolders(path:Path) -> list:
@@ -267,6 +283,26 @@ def _inputs(model, input:Path, kind:str) -> list:
     found = [input] + (find_dicom_files(input) if kind == 'dicom' else [])
     return found + ([Path(model)] if isinstance(model, (str, Path)) else [])
 
+def side_path(dest, # a prediction's output file
+              suffix:str # what replaces its `.nii.gz`/`.nii` (or other suffix): '.json', '.png', '_probabilities.nii.gz'
+             ) -> Path:
+    "A file beside an output, named after it: `seg.nii.gz` -> `seg.json`"
+    dest = Path(dest)
+    return dest.with_name((nifti_stem(dest) or dest.stem) + suffix)
+
+def _side_outputs(dest, probabilities:bool, extras) -> list:
+    "Every file beside `dest` a prediction will write: the probabilities and each extra's"
+    return ([side_path(dest, '_probabilities.nii.gz')] if probabilities else []) + [side_path(dest, s) for s, _ in extras]
+
+def write_probabilities(probs:np.ndarray, # uint16 X x Y x Z x n_out in `like`'s canonical order (`PROB_SCALE` = 1)
+                        like:CTVolume, # the volume they belong to
+                        path, force:bool=False, inputs=()) -> Path:
+    "The softmax per class as a 4D NIfTI in `like`'s voxel order and geometry (uint16, scl_slope 1/PROB_SCALE)"
+    img = nifti_like(np.ascontiguousarray(from_canonical(probs, like)), like, slope=1 / PROB_SCALE)
+    img.header.set_intent('vector', (), name='softmax')
+    with atomic_path(path, force, inputs) as tmp: nib.save(img, str(tmp))
+    return Path(path)
+
 def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  input, # NIfTI file, DICOM folder, slice folder, or a folder of volumes
                  output, # `.nii.gz` for a volume, a folder for slice folders and folders of volumes
@@ -280,7 +316,10 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  allow_pickle:bool=False, # a model folder without weights may fall back to learner.pkl (runs code from it)
                  part:str='1/1', # folder of volumes: predict only share i of n ('i/n'), for job arrays
                  workers:int=1, # folder of volumes: processes sharing the volumes
-                 series:str|None=None # DICOM folder: SeriesInstanceUID of the series to segment, when it holds several
+                 series:str|None=None, # DICOM folder: SeriesInstanceUID of the series to segment, when it holds several
+                 probabilities:bool=False, # volumes: also write the softmax per class beside each output (`_probabilities.nii.gz`)
+                 extras=(), # volumes: (suffix, writer) pairs; `writer(labels, volume, path, force)` writes a file beside each output
+                 writer=None # one volume: `writer(labels, volume, path, force)` writes OUTPUT instead of a NIfTI (e.g. a DICOM SEG)
                 ) -> Path: # the output written
     "Segment INPUT with a model and write OUTPUT in the input's geometry (volumes) or under its names (slices)"
     input, output = Path(input), Path(output)
@@ -288,33 +327,45 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
     if kind != 'volumes' and (part not in (None, '1/1') or workers != 1):
         raise LiverSegError(input, "--part and --workers share a folder of volumes; this is a single volume or slice folder")
     if series is not None and kind != 'dicom': raise LiverSegError(input, "--series picks a series of a DICOM folder; this is not one")
+    if kind == 'slices' and (probabilities or extras or writer): raise LiverSegError(input, "statistics, previews, probabilities and DICOM SEG are made for volumes; this is a slice folder")
+    if writer is not None and kind != 'dicom': raise LiverSegError(input, "a DICOM SEG refers to a DICOM series; this input is not one")
     is_nii = nifti_stem(output) is not None
-    if kind != 'volumes': check_output(output, force, _inputs(model, input, kind), folder=not is_nii) # before any work
+    if kind != 'volumes':
+        for p in [output] + ([] if kind == 'slices' else _side_outputs(output, probabilities, extras)):
+            check_output(p, force, _inputs(model, input, kind), folder=kind == 'slices' and p == output) # before any work
     if kind == 'volumes':
         if is_nii: raise LiverSegError(output, "a folder of volumes gives a folder of .nii.gz files, not one NIfTI file")
         return predict_volumes(model, input, output, part=part, workers=workers, batch_size=batch_size, device=device, tta=tta,
-                               postprocess=postprocess is None or postprocess, force=force, progress=progress, allow_pickle=allow_pickle)
+                               postprocess=postprocess is None or postprocess, force=force, progress=progress, allow_pickle=allow_pickle,
+                               probabilities=probabilities, extras=extras)
     pred = get_predictor(model, device, allow_pickle)
     if kind == 'slices':
         if is_nii: raise LiverSegError(output, "a slice folder gives a folder of mask PNGs, not a NIfTI file")
         return predict_slices(pred, input, output, batch_size, device, tta, bool(postprocess), encoding, force, progress)
-    if not is_nii: raise LiverSegError(output, "output of a volume must end in .nii.gz (or .nii)")
+    if not is_nii and writer is None: raise LiverSegError(output, "output of a volume must end in .nii.gz (or .nii)")
     return _predict_file(pred, input, kind, output, batch_size, tta, postprocess is None or postprocess, force, progress,
-                         series, _inputs(model, input, kind))
+                         series, _inputs(model, input, kind), probabilities, extras, writer)
 
 def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int, tta:bool, postprocess:bool, force:bool, progress:bool,
-                  series:str|None=None, inputs=()) -> Path:
-    "Read one volume, segment it, post-process it in place, and write `dest` atomically in its geometry"
+                  series:str|None=None, inputs=(), probabilities:bool=False, extras=(), writer=None) -> Path:
+    "Read one volume, segment it, post-process it in place, and write `dest` (and the files beside it) in its geometry"
     _check_orientation(pred)  # before reading a volume it cannot be used on
-    vol = _read_volume(src, kind, series)
+    vol, inputs = _read_volume(src, kind, series), [src, *inputs]
     can = to_canonical(vol)
-    labels = _canonical_labels(pred, can, batch_size, tta, progress)
+    probs = np.empty(can.shape + (pred.config.get('n_out', 3),), np.uint16) if probabilities else None
+    labels = _canonical_labels(pred, can, batch_size, tta, progress, probs)
     spacing = can.spacing
-    del can; vol.array = np.broadcast_to(np.zeros((), vol.array.dtype), vol.shape)  # free the HU: only the geometry is needed now
+    if probs is not None: write_probabilities(probs, vol, side_path(dest, '_probabilities.nii.gz'), force, inputs); del probs
+    del can
+    if not extras: vol.array = np.broadcast_to(np.zeros((), vol.array.dtype), vol.shape)  # free the HU: only the geometry is needed now
     if postprocess:
         from liver_seg.postprocess import postprocess as _post
         labels = _post(labels, spacing=spacing, out=labels)  # in place: no second label volume
-    return write_labels(from_canonical(labels, vol), vol, dest, force=force, inputs=[src, *inputs])
+    labels = from_canonical(labels, vol)
+    if writer is None: write_labels(labels, vol, dest, force=force, inputs=inputs)
+    else: writer(labels, vol, dest, force)
+    for suffix, write in extras: write(labels, vol, side_path(dest, suffix), force)
+    return dest
 
 # %% ../nbs/08_predict.ipynb #e9f71281
 def volume_files(folder) -> list: # NIfTI files and DICOM series folders, sorted by case number
@@ -345,8 +396,9 @@ def _worker_init(model, device, allow_pickle, threads):
     torch.set_num_threads(threads)
     _WORKER['pred'] = get_predictor(model, device, allow_pickle)
 
-def _worker_predict(src, kind, dest, batch_size, tta, postprocess, force):
-    return _predict_file(_WORKER['pred'], Path(src), kind, Path(dest), batch_size, tta, postprocess, force, False)
+def _worker_predict(src, kind, dest, batch_size, tta, postprocess, force, probabilities, extras):
+    return _predict_file(_WORKER['pred'], Path(src), kind, Path(dest), batch_size, tta, postprocess, force, False,
+                         probabilities=probabilities, extras=extras)
 
 def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, config)` pair, or `Predictor`
                     folder, # folder of NIfTI volumes or of DICOM series folders
@@ -357,7 +409,9 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
                     postprocess:bool=True, # post-process each volume
                     force:bool=False, # replace existing predictions
                     progress:bool=True, # a line per volume (and a bar per volume with one worker)
-                    allow_pickle:bool=False
+                    allow_pickle:bool=False,
+                    probabilities:bool=False, # also the softmax per class beside each prediction
+                    extras=() # (suffix, writer) pairs of files beside each prediction (module-level writers, for workers)
                    ) -> Path: # `out_dir`
     "Segment every volume of `folder` (or share `part` of them) into `out_dir`, one `.nii.gz` per volume"
     import os, time
@@ -372,7 +426,7 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
     if out_dir.exists() and not out_dir.is_dir(): raise LiverSegError(out_dir, "exists and is not a folder")
     for _, nm in mine: refuse_input(out_dir/nm, [*srcs, folder] + ([Path(model)] if isinstance(model, (str, Path)) else []))
     if not force:
-        taken = next((out_dir/nm for _, nm in mine if (out_dir/nm).exists()), None)
+        taken = next((p for _, nm in mine for p in [out_dir/nm, *_side_outputs(out_dir/nm, probabilities, extras)] if p.exists()), None)
         if taken is not None: raise LiverSegError(taken, "exists; use --force to overwrite")
     for s, _ in mine: # headers only (cheap): refuse a broken or non-3D file before any output exists
         if not s.is_dir(): open_nifti(s)
@@ -386,7 +440,7 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
         pred = get_predictor(model, device, allow_pickle)
         for k, (s, kind, d) in enumerate(jobs):
             t0 = time.time()
-            _predict_file(pred, s, kind, d, batch_size, tta, postprocess, force, progress)
+            _predict_file(pred, s, kind, d, batch_size, tta, postprocess, force, progress, probabilities=probabilities, extras=extras)
             say(f"[{k + 1}/{len(jobs)}] {s.name} -> {d} ({time.time() - t0:.1f} s)")
         return out_dir
     if not isinstance(model, (str, Path)): raise LiverSegError('--workers', "several workers need a model folder path")
@@ -395,7 +449,8 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn'), initializer=_worker_init,
                              initargs=(str(model), str(device), allow_pickle, threads)) as ex:
-        futs = {ex.submit(_worker_predict, str(s), kind, str(d), batch_size, tta, postprocess, force): s for s, kind, d in jobs}
+        futs = {ex.submit(_worker_predict, str(s), kind, str(d), batch_size, tta, postprocess, force, probabilities, extras): s
+                for s, kind, d in jobs}
         try:
             for k, f in enumerate(as_completed(futs)):
                 say(f"[{k + 1}/{len(jobs)}] {futs[f].name} -> {f.result()}")

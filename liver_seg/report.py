@@ -24,8 +24,8 @@ from .viz import LABEL_COLORS, display_image, montage_slices
 
 # %% auto #0
 __all__ = ['CLASSES', 'SEG_SEGMENTS', 'voxel_volume_ml', 'largest_diameter', 'labels_on_grid', 'label_statistics',
-           'write_statistics', 'statistics_table', 'write_statistics_table', 'plot_preview', 'write_preview',
-           'series_datasets', 'segment_descriptions', 'write_dicom_seg', 'read_dicom_seg']
+           'write_statistics', 'write_label_statistics', 'statistics_table', 'write_statistics_table', 'plot_preview',
+           'write_preview', 'series_datasets', 'segment_descriptions', 'write_dicom_seg', 'read_dicom_seg']
 
 # %% ../nbs/11a_report.ipynb #547845ac
 def voxel_volume_ml(affine # 4x4 voxel -> world (mm) affine
@@ -143,6 +143,14 @@ def write_statistics(stats:dict, # `label_statistics` output
     path = Path(path)
     with atomic_path(path, force) as tmp: tmp.write_text(json.dumps(stats, indent=1) + '\n')
     return path
+
+def write_label_statistics(labels, # labels in `volume`'s voxel order (array or `CTVolume`)
+                           volume, # the CT (`CTVolume`, HU)
+                           path, # output `.json`
+                           force:bool=False # overwrite an existing output
+                          ) -> Path:
+    "`label_statistics` written as JSON: the writer `liver-seg predict --statistics` puts beside each prediction"
+    return write_statistics(label_statistics(labels, volume), path, force)
 
 def _case(stats, i):
     p = stats.get('volume')

@@ -1,0 +1,108 @@
+"What `liver-seg predict` writes beside the labels (issue 17): statistics, preview, probabilities, DICOM SEG, through the command line"
+import json, subprocess, sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from liver_seg.io import read_dicom_series, read_labels, read_nifti
+from liver_seg.model import build_model, default_config, save_model_folder
+from liver_seg.synth import write_chaos_case, write_lits_case
+
+torch.set_num_threads(2)
+SHAPE = dict(shape=(48, 40, 8), spacing=(1.5, 1.2, 4.0))
+HU_INPUT = {'kind': 'hu_windows', 'windows': [[150, 30], [200, 60]], 'freqhist': True, 'context': 0}
+
+
+def cli(*args):
+    r = subprocess.run([sys.executable, '-m', 'liver_seg', *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+    "An untrained U-Net folder: its labels are arbitrary but the same in every output of one run, which is what is checked"
+    cfg = default_config(arch='resnet18', size=64, precision='fp32', input=HU_INPUT)
+    torch.manual_seed(3)
+    return save_model_folder(build_model(cfg), cfg, tmp_path_factory.mktemp('m')/'model')
+
+
+@pytest.fixture(scope='module')
+def lits(tmp_path_factory):
+    d = tmp_path_factory.mktemp('lits')
+    for i in range(2): write_lits_case(d, i, axcodes=('R', 'A', 'S') if i else None, seed=(4, i), **SHAPE)
+    return d
+
+
+def test_statistics_are_the_labels_counted(model, lits, tmp_path):
+    out = tmp_path/'seg.nii.gz'
+    cli('predict', model, lits/'volume-1.nii.gz', out, '--statistics', '-q')
+    stats, lab = json.loads((tmp_path/'seg.json').read_text()), read_labels(out)
+    vox_ml = abs(np.linalg.det(lab.affine[:3, :3])) / 1000
+    hu = read_nifti(lits/'volume-1.nii.gz').array
+    for name, vals in (('liver', (1, 2)), ('tumor', (2,))):
+        m = np.isin(lab.array, vals)
+        assert stats['classes'][name]['volume_ml'] == pytest.approx(m.sum() * vox_ml, rel=1e-6)
+        if m.any(): assert stats['classes'][name]['mean_hu'] == pytest.approx(hu[m].mean(), abs=1e-3)
+    n = ndi.label(lab.array == 2, np.ones((3, 3, 3)))[1]
+    assert stats['n_lesions'] == len(stats['lesions']) == n
+
+
+def test_folder_of_volumes_gets_a_json_each_and_one_csv(model, lits, tmp_path):
+    cli('predict', model, lits, tmp_path/'preds', '--statistics', '-q')
+    table = pd.read_csv(tmp_path/'preds'/'statistics.csv')
+    assert list(table['case']) == ['volume-0', 'volume-1']
+    for i in range(2):
+        s = json.loads((tmp_path/'preds'/f'segmentation-{i}.json').read_text())
+        assert table.loc[i, 'liver_volume_ml'] == pytest.approx(s['classes']['liver']['volume_ml'])
+
+
+def test_probabilities_argmax_is_the_labels_before_postprocessing(model, lits, tmp_path):
+    out = tmp_path/'raw.nii.gz'
+    cli('predict', model, lits/'volume-1.nii.gz', out, '--probabilities', '--no-postprocess', '-q')
+    lab, pimg = nib.load(out), nib.load(tmp_path/'raw_probabilities.nii.gz')
+    p = pimg.get_fdata(dtype=np.float32)
+    assert p.shape == lab.shape + (3,)
+    np.testing.assert_allclose(pimg.affine, lab.affine, atol=1e-6)
+    np.testing.assert_allclose(p.sum(-1), 1, atol=3e-4)
+    top = np.sort(p, -1)
+    clear = top[..., -1] - top[..., -2] > 3e-5
+    assert clear.mean() > 0.99
+    assert (p.argmax(-1) == np.asarray(lab.dataobj))[clear].all()
+    assert len(np.unique(np.asarray(lab.dataobj))) > 1
+
+
+def test_preview_png_beside_the_labels(model, lits, tmp_path):
+    cli('predict', model, lits/'volume-0.nii.gz', tmp_path/'seg.nii.gz', '--preview', '-q')
+    assert (tmp_path/'seg.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_dicom_seg_round_trip(model, tmp_path):
+    pytest.importorskip('highdicom')
+    from liver_seg.report import read_dicom_seg
+    case = write_chaos_case(tmp_path/'case', seed=9, **SHAPE)
+    cli('predict', model, case/'DICOM', tmp_path/'seg.nii.gz', '-q')
+    cli('predict', model, case/'DICOM', tmp_path/'seg.dcm', '--format', 'dicom-seg', '-q')
+    nii = read_labels(tmp_path/'seg.nii.gz').array
+    assert len(np.unique(nii)) > 1
+    assert np.array_equal(read_dicom_seg(tmp_path/'seg.dcm', case/'DICOM'), nii)
+
+
+def test_dicom_seg_needs_a_dicom_input_and_a_dcm_name(model, lits, tmp_path):
+    for args, msg in (([lits/'volume-0.nii.gz', tmp_path/'x.dcm'], 'not one'), ([lits/'volume-0.nii.gz', tmp_path/'x.nii.gz'], 'end in .dcm')):
+        r = subprocess.run([sys.executable, '-m', 'liver_seg', 'predict', str(model), *map(str, args), '--format', 'dicom-seg'],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_help_says_what_each_output_is():
+    h = ' '.join(subprocess.run([sys.executable, '-m', 'liver_seg', 'predict', '-h'], capture_output=True, text=True).stdout.split())
+    assert '--statistics' in h and '.json' in h and 'mean HU' in h
+    assert '--preview' in h and '.png' in h
+    assert '--probabilities' in h and 'softmax' in h
+    assert '--format {nifti,dicom-seg}' in h and 'DICOM Segmentation' in h
