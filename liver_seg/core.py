@@ -15,9 +15,9 @@ import numpy as np
 from nibabel.orientations import io_orientation, axcodes2ornt, ornt_transform, apply_orientation, inv_ornt_aff
 
 # %% auto #0
-__all__ = ['CANONICAL', 'ORIENTATION', 'LiverSegError', 'refuse_input', 'check_output', 'atomic_path', 'CTVolume',
-           'case_sort_key', 'nifti_stem', 'case_key', 'canonical_ornt', 'to_canonical', 'from_canonical', 'to_display',
-           'from_display']
+__all__ = ['CLASS_LABELS', 'CANONICAL', 'ORIENTATION', 'LiverSegError', 'refuse_input', 'check_output', 'atomic_path',
+           'voxel_spacing', 'CTVolume', 'class_mask', 'case_sort_key', 'nifti_stem', 'case_key', 'canonical_ornt',
+           'to_canonical', 'from_canonical', 'to_display', 'from_display']
 
 # %% ../nbs/00_core.ipynb #4d5845de
 class LiverSegError(Exception):
@@ -106,6 +106,10 @@ def atomic_path(dest, # the final output path (a file, or a folder the caller cr
         raise
 
 # %% ../nbs/00_core.ipynb #2b13ff3f
+def voxel_spacing(affine) -> tuple: # mm along i, j, k
+    "Voxel size of a 4x4 voxel -> mm affine: the lengths of its first three columns (right for oblique affines too)"
+    return tuple(float(s) for s in np.sqrt((np.asarray(affine, float)[:3, :3]**2).sum(0)))
+
 @dataclass(repr=False)
 class CTVolume:
     "A 3D array in file voxel order (X, Y, Z) with its RAS affine, header and source path."
@@ -117,7 +121,7 @@ class CTVolume:
     @property
     def spacing(self) -> tuple:
         "Voxel size in mm along i, j, k (norms of the affine's columns)."
-        return tuple(float(s) for s in np.sqrt((np.asarray(self.affine)[:3, :3]**2).sum(0)))
+        return voxel_spacing(self.affine)
 
     @property
     def shape(self) -> tuple: return self.array.shape
@@ -125,6 +129,18 @@ class CTVolume:
     def __repr__(self):
         sp = ', '.join(f'{s:.3g}' for s in self.spacing)
         return f"CTVolume(shape={self.shape}, dtype={self.array.dtype}, spacing=({sp}) mm, path={self.path})"
+
+# %% ../nbs/00_core.ipynb #b9285c16
+CLASS_LABELS = {'liver': (1, 2), 'liver_parenchyma': (1,), 'tumor': (2,)} # the label values each class counts
+
+def class_mask(labels, # label array (0 background, 1 liver, 2 tumour)
+               cls:str # 'liver', 'liver_parenchyma' or 'tumor' ('tumour' too)
+              ) -> np.ndarray: # boolean, the shape of `labels`
+    "Where class `cls` is in `labels`: the liver includes its tumours"
+    vals = CLASS_LABELS.get('tumor' if cls == 'tumour' else cls)
+    if vals is None: raise ValueError(f"unknown class {cls!r}; choose one of {', '.join(CLASS_LABELS)}")
+    labels = np.asarray(labels)
+    return labels > 0 if vals == (1, 2) else labels == vals[0] if len(vals) == 1 else np.isin(labels, vals)
 
 # %% ../nbs/00_core.ipynb #2afa421d
 def case_sort_key(case:str):

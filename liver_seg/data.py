@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 import numpy as np
 import pandas as pd
+from .windows import DEFAULT_WINDOWS
 from .io import LiverSegError, ORIENTATION, find_slice_pairs, read_image, read_mask, decode_mask, case_sort_key
 
 # %% auto #0
@@ -194,7 +195,7 @@ def input_spec(path, context:int=0):
     "The `input` section of `config.json` for slice folder `path`: 'hu_windows' for `prepare` output, else 'image'"
     import json
     path = Path(path)
-    spec = {'kind': 'image', 'windows': [[150, 30], [200, 60]], 'freqhist': True, 'context': context}
+    spec = {'kind': 'image', 'windows': [list(w) for w in DEFAULT_WINDOWS], 'freqhist': True, 'context': context}
     settings = path/'prepare.json'
     if settings.exists() or (path/'manifest.csv').exists():
         spec['kind'] = 'hu_windows'

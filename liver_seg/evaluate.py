@@ -10,7 +10,7 @@ import math, sys
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
-from .io import (LiverSegError, to_canonical, atomic_path, check_output, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
+from .io import (LiverSegError, to_canonical, class_mask, atomic_path, check_output, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
                           nifti_stem, case_key, case_sort_key)
 from .postprocess import mask_bbox
 
@@ -99,11 +99,11 @@ def case_metrics(pred, # predicted labels (X, Y, Z): 0 background, 1 liver, 2 tu
     spacing = tuple(float(s) for s in spacing)
     ml = float(np.prod(spacing)) / 1000
     res = {}
-    for name, (p, g) in dict(liver=(pred > 0, gt > 0), tumor=(pred == 2, gt == 2)).items():
+    for name, (p, g) in {c: (class_mask(pred, c), class_mask(gt, c)) for c in ('liver', 'tumor')}.items():
         m = overlap_metrics(p, g) | distance_metrics(p, g, spacing, hd95)
         m |= dict(volume_ml=np.count_nonzero(p) * ml, volume_ml_gt=np.count_nonzero(g) * ml)
         res |= {f'{name}_{k}': v for k, v in m.items()}
-    res |= {f'tumor_{k}': v for k, v in lesion_counts(pred == 2, gt == 2).items()}
+    res |= {f'tumor_{k}': v for k, v in lesion_counts(class_mask(pred, 'tumor'), class_mask(gt, 'tumor')).items()}
     return res
 
 # %% ../nbs/10_evaluate.ipynb #bef5cdbd

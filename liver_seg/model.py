@@ -12,20 +12,19 @@ import torch
 from torch import nn
 from . import __version__
 from .io import LiverSegError, ORIENTATION, atomic_path
+from .metrics import CODES
+from .windows import DEFAULT_WINDOWS
 
 # %% auto #0
-__all__ = ['CODES', 'CONFIG_SCHEMA', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state',
-           'write_model_files', 'save_model_folder', 'cpu_has_bf16', 'check_config', 'read_config', 'load_model_folder',
-           'load_learner_pkl']
+__all__ = ['CONFIG_SCHEMA', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state', 'write_model_files',
+           'save_model_folder', 'cpu_has_bf16', 'check_config', 'read_config', 'load_model_folder', 'load_learner_pkl']
 
 # %% ../nbs/06_model.ipynb #a3b31dbb
-CODES = ['background', 'liver', 'tumor']
-
 def default_config(**kwargs):
     "A complete `config.json` dict with the project's defaults, updated with `kwargs`"
     cfg = {"library_version": __version__, "arch": "resnet34", "size": 128, "n_in": 3, "n_out": 3,
            "codes": list(CODES),
-           "input": {"kind": "image", "windows": [[150, 30], [200, 60]], "freqhist": True, "context": 0},
+           "input": {"kind": "image", "windows": [list(w) for w in DEFAULT_WINDOWS], "freqhist": True, "context": 0},
            "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
            "resize": "squish", "precision": "fp32", "orientation": ORIENTATION, "recipe": {}, "split": {"train_cases": [], "valid_cases": []}}
     cfg.update(kwargs)

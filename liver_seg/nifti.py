@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import nibabel as nib
-from .core import LiverSegError, CTVolume, check_output, atomic_path
+from .core import LiverSegError, CTVolume, check_output, atomic_path, voxel_spacing
 
 # %% auto #0
 __all__ = ['available_memory', 'open_nifti', 'read_nifti', 'read_labels', 'nifti_like', 'write_labels']
@@ -72,7 +72,7 @@ def _check_geometry(img, path:Path):
         if not (np.isfinite(zooms).all() and (zooms != 0).all()):
             raise LiverSegError(path, f"voxel spacing (pixdim) is {tuple(round(float(z), 4) for z in zooms)} mm: zero or not finite")
     aff = np.asarray(img.affine, float)
-    norms = np.sqrt((aff[:3, :3]**2).sum(0)) if np.isfinite(aff).all() else np.zeros(3)
+    norms = np.array(voxel_spacing(aff)) if np.isfinite(aff).all() else np.zeros(3)
     if (norms < 1e-6).any() or abs(np.linalg.det(aff[:3, :3])) < 1e-9*np.prod(norms):
         raise LiverSegError(path, f"voxel spacing {tuple(round(float(n), 4) for n in norms)} mm (from the affine): "
                             "zero, not finite, or axes that are not independent")

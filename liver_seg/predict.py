@@ -12,7 +12,8 @@ import nibabel as nib
 import torch
 from .io import (LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, IMAGE_EXTS, nifti_stem, case_key, case_sort_key)
-from .windows import volume_channels
+from .windows import volume_channels, DEFAULT_WINDOWS
+from .slices import MASK_VALUES
 from .predictor import Predictor, get_predictor, _progress
 
 # %% auto #0
@@ -50,7 +51,7 @@ def _volume_batch(pred:Predictor, arr, ks):
     inp = pred.config.get('input', {})
     if pred.kind == 'hu_windows':
         if inp.get('context', 0): raise LiverSegError('config.json', "context > 0 is only supported for 'image' models")
-        return volume_channels(arr, ks=ks, windows=inp.get('windows', [[150, 30], [200, 60]]), freqhist=inp.get('freqhist', True))
+        return volume_channels(arr, ks=ks, windows=inp.get('windows', DEFAULT_WINDOWS), freqhist=inp.get('freqhist', True))
     lo, hi = max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, arr.shape[2])
     g = np.ascontiguousarray(to_display(arr[:, :, lo:hi]).transpose(2, 0, 1))  # N x H x W, display orientation
     return _gray_channels(g, np.asarray(ks) - lo, inp.get('context', 0), pred.config.get('n_in', 3))
@@ -121,7 +122,7 @@ def _input_kind(path:Path) -> str:
     raise LiverSegError(path, "folder holds no NIfTI volume, DICOM series or slice images")
 
 # %% ../nbs/09a_predict.ipynb #6351633b
-_ENCODE = {'012': np.array([0, 1, 2], np.uint8), '127': np.array([0, 127, 255], np.uint8)}
+_ENCODE = {k: np.array(MASK_VALUES[k], np.uint8) for k in ('012', '127')} # what predict writes
 
 def _slice_images(pred:Predictor, rows):
     "uint8 N x H x W x C model inputs of one case's slice images (display orientation, as stored)"

@@ -17,15 +17,15 @@ from matplotlib.lines import Line2D
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from . import __version__
-from .io import (CTVolume, LiverSegError, atomic_path, to_canonical, from_canonical, to_display,
+from .io import (CTVolume, LiverSegError, CLASS_LABELS, atomic_path, to_canonical, from_canonical, to_display,
                           nifti_stem, find_dicom_files, read_dicom_series)
 from .postprocess import mask_bbox
 from .viz import LABEL_COLORS, display_image, montage_slices
 
 # %% auto #0
-__all__ = ['CLASSES', 'SEG_SEGMENTS', 'voxel_volume_ml', 'largest_diameter', 'labels_on_grid', 'label_statistics',
-           'write_statistics', 'write_label_statistics', 'statistics_table', 'write_statistics_table', 'plot_preview',
-           'write_preview', 'series_datasets', 'segment_descriptions', 'write_dicom_seg', 'read_dicom_seg']
+__all__ = ['SEG_SEGMENTS', 'voxel_volume_ml', 'largest_diameter', 'labels_on_grid', 'label_statistics', 'write_statistics',
+           'write_label_statistics', 'statistics_table', 'write_statistics_table', 'plot_preview', 'write_preview',
+           'series_datasets', 'segment_descriptions', 'write_dicom_seg', 'read_dicom_seg']
 
 # %% ../nbs/11a_report.ipynb #547845ac
 def voxel_volume_ml(affine # 4x4 voxel -> world (mm) affine
@@ -56,8 +56,6 @@ def largest_diameter(points, # N x 3 points in mm (e.g. a lesion's surface voxel
     return float(max(cdist(p[i:i + 1024], p[i:]).max() for i in range(0, len(p), 1024)))
 
 # %% ../nbs/11a_report.ipynb #4694b98e
-CLASSES = {'liver': (1, 2), 'liver_parenchyma': (1,), 'tumor': (2,)} # class: the label values it counts (LiTS: the liver includes its tumours)
-
 def labels_on_grid(labels, # array in the voxel order of the grid, or a `CTVolume` of labels (any voxel order of that grid)
                    shape, # the grid's shape (X, Y, Z)
                    affine, # the grid's 4x4 RAS affine
@@ -125,7 +123,7 @@ def label_statistics(labels, # labels in `volume`'s voxel order (array or `CTVol
     ml = voxel_volume_ml(volume.affine)
     counts, sums = _class_sums(lab, volume.array)
     classes = {}
-    for name, vals in CLASSES.items():
+    for name, vals in CLASS_LABELS.items():
         n, s = int(counts[list(vals)].sum()), float(sums[list(vals)].sum())
         classes[name] = dict(voxels=n, volume_ml=n * ml, mean_hu=s / n if n else None)
     liver, tumor = classes['liver']['volume_ml'], classes['tumor']['volume_ml']
@@ -167,7 +165,7 @@ def statistics_table(stats:list # `label_statistics` outputs, one per case
         row |= dict(tumor_burden=s['tumor_burden'], lesions=s['n_lesions'],
                     largest_lesion_ml=big.get('volume_ml', 0.), largest_lesion_diameter_mm=big.get('diameter_mm', 0.))
         rows.append(row)
-    cols = ['case', *(f'{n}_{k}' for n in CLASSES for k in ('volume_ml', 'mean_hu')), 'tumor_burden', 'lesions',
+    cols = ['case', *(f'{n}_{k}' for n in CLASS_LABELS for k in ('volume_ml', 'mean_hu')), 'tumor_burden', 'lesions',
             'largest_lesion_ml', 'largest_lesion_diameter_mm']
     return pd.DataFrame(rows, columns=cols).astype({'lesions': int})
 

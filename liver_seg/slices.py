@@ -12,7 +12,8 @@ import numpy as np
 from .core import LiverSegError, case_sort_key
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'parse_slice_name', 'decode_mask', 'read_image', 'read_mask', 'find_slice_pairs', 'read_slice_volume']
+__all__ = ['IMAGE_EXTS', 'MASK_VALUES', 'parse_slice_name', 'decode_mask', 'read_image', 'read_mask', 'find_slice_pairs',
+           'read_slice_volume']
 
 # %% ../nbs/00b_slices.ipynb #de0ef600
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -25,7 +26,8 @@ def parse_slice_name(stem:str) -> tuple: # (case id, slice number)
     return case, int(num)
 
 # %% ../nbs/00b_slices.ipynb #cbed556a
-_ENCODINGS = {'012': {0: 0, 1: 1, 2: 2}, '127': {0: 0, 127: 1, 255: 2}, '255': {0: 0, 255: 1}}
+MASK_VALUES = {'012': (0, 1, 2), '127': (0, 127, 255), '255': (0, 255, 255)} # pixel value of background, liver, tumour
+_ENCODINGS = {k: {v: l for l, v in reversed(list(enumerate(vals)))} for k, vals in MASK_VALUES.items()} # pixel -> label
 
 def _values(a:np.ndarray) -> set:
     "The set of values in `a` (a histogram for uint8, which is faster than sorting)."

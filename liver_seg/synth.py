@@ -206,10 +206,11 @@ def write_chaos_case(folder,                # case folder to create: `DICOM/` an
                     ) -> Path:              # the case folder
     "Write one phantom as a CHAOS-style case: a DICOM CT series and per-slice mask PNGs"
     from PIL import Image
+    from liver_seg.io import MASK_VALUES, voxel_spacing
     if mask_encoding not in ('127', '255'): raise ValueError(f"mask_encoding must be '127' or '255', got {mask_encoding!r}")
     folder = Path(folder)
     hu, labels, affine = make_phantom(**phantom_kwargs)
-    spacing = np.sqrt((affine[:3, :3]**2).sum(0))
+    spacing = voxel_spacing(affine)
     X, Y, Z = hu.shape
     dcm_dir, mask_dir = folder/'DICOM', folder/'masks'
     dcm_dir.mkdir(parents=True, exist_ok=True); mask_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +219,7 @@ def write_chaos_case(folder,                # case folder to create: `DICOM/` an
     uids = dict(patient=f"PH{zlib.crc32(key.encode()) % 10**6:06d}", study=generate_uid(entropy_srcs=[key, 'study']),
                 series=generate_uid(entropy_srcs=[key, 'series']), frame=generate_uid(entropy_srcs=[key, 'frame']))
     order = np.random.default_rng(Z).permutation(Z)   # file names shuffled against the slice order
-    lut = np.array([0, 127, 255] if mask_encoding == '127' else [0, 255, 255], np.uint8)
+    lut = np.array(MASK_VALUES[mask_encoding], np.uint8)
     for k in range(Z):
         inst = Z - k                                   # instance 1 is the most superior slice
         px = (hu[:, :, k].T.astype(np.int32) + 1024).clip(0, 65535)

@@ -14,12 +14,12 @@ from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter, MaxNLocator
-from .io import CTVolume, LiverSegError, to_canonical
+from .io import CTVolume, LiverSegError, to_canonical, to_display, class_mask
 
 # %% auto #0
-__all__ = ['LABEL_COLORS', 'ERROR_COLORS', 'CLASSES', 'window_presets', 'display_image', 'label_layer', 'error_layer',
-           'plot_sample', 'plot_overlay', 'error_map', 'dice', 'plot_errors', 'rendered_rgba', 'display_stack',
-           'montage_slices', 'plot_montage', 'plot_foreground_hist']
+__all__ = ['LABEL_COLORS', 'ERROR_COLORS', 'window_presets', 'display_image', 'label_layer', 'error_layer', 'plot_sample',
+           'plot_overlay', 'error_map', 'dice', 'plot_errors', 'rendered_rgba', 'display_stack', 'montage_slices',
+           'plot_montage', 'plot_foreground_hist']
 
 # %% ../nbs/11_viz.ipynb #c5fd7f1e
 def window_presets() -> dict:
@@ -158,15 +158,12 @@ def plot_overlay(image, # 2D slice in display orientation (HU or uint8)
     return _finish(fig, save)
 
 # %% ../nbs/11_viz.ipynb #248109db
-CLASSES = {'liver': lambda l: l > 0, 'tumor': lambda l: l == 2, 'tumour': lambda l: l == 2}
-
 def error_map(pred, # predicted labels 0/1/2
               gt, # true labels 0/1/2
               cls='liver', # 'liver' (labels > 0) or 'tumor' (labels == 2)
              ) -> np.ndarray: # uint8: 0 TN, 1 TP, 2 FP, 3 FN
     "Per-pixel TP/FP/FN codes of `pred` against `gt` for one class."
-    if cls not in CLASSES: raise ValueError(f"unknown class {cls!r}; choose 'liver' or 'tumor'")
-    p, g = CLASSES[cls](np.asarray(pred)), CLASSES[cls](np.asarray(gt))
+    p, g = class_mask(pred, cls), class_mask(gt, cls)
     out = np.zeros(p.shape, np.uint8)
     out[p & g] = 1; out[p & ~g] = 2; out[~p & g] = 3
     return out
@@ -245,8 +242,8 @@ def display_stack(volume, # `CTVolume`, X x Y x Z array in canonical order, H x 
         if labels.ndim == 2: labels = labels[..., None]
         if labels.shape != volume.shape: raise ValueError(f"labels {labels.shape} do not match images {volume.shape}")
     if (orient or 'xyz') == 'xyz':
-        volume = np.rot90(volume, axes=(0, 1))
-        if labels is not None: labels = np.rot90(labels, axes=(0, 1))
+        volume = to_display(volume)
+        if labels is not None: labels = to_display(labels)
     return volume, labels
 
 # %% ../nbs/11_viz.ipynb #84b1b528
@@ -280,7 +277,7 @@ def plot_montage(volume, # X x Y x Z volume, H x W x N stack, list of slices, or
     if pred is not None:
         if labs is None: raise ValueError("pred needs labels to compare against")
         _, pred = display_stack(volume, pred, orient)
-    shown = labs if pred is None else CLASSES[cls](labs) | CLASSES[cls](pred) # error maps: slices where the class is, in either
+    shown = labs if pred is None else class_mask(labs, cls) | class_mask(pred, cls) # error maps: slices where the class is, in either
     idx = montage_slices(shown, n, imgs.shape[-1])
     if pred is not None and title is None: title = f'{cls}: prediction against truth'
     fig, axs = _figure(len(idx), ncols=ncols, panel=2.4, dpi=dpi, title=title)
