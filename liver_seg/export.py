@@ -12,6 +12,7 @@ import numpy as np
 from .io import LiverSegError, CTVolume, ORIENTATION, read_chaos_case, open_nifti, canonical_ornt, to_canonical, refuse_input
 from nibabel.orientations import apply_orientation
 from .windows import get_windows, display_channels, display_stack
+from .io import IMAGE_EXTS
 
 # %% auto #0
 __all__ = ['JPEG_QUALITY', 'find_cases', 'case_blocks', 'write_slices', 'prepare']
@@ -240,10 +241,12 @@ def _start_output(out:Path, settings:dict, force:bool, cases:list) -> set:
     return written
 
 def _n_slices(case) -> int:
-    "Number of slices of a case, from the NIfTI header or the DICOM files"
+    "Number of slices of a case, without reading its voxels: from the NIfTI header, or a CHAOS case's mask images"
     if case['kind'] == 'lits': return _slice_axis(_open_nifti(Path(case['volume']))[0])[2][2]
-    if '_read' not in case: case['_read'] = read_chaos_case(case['folder'])  # small: kept for `case_blocks`
-    return case['_read'][0].shape[2]
+    if '_read' in case: return case['_read'][0].shape[2]
+    # one mask image per DICOM slice (`read_chaos_case` refuses a case where the counts differ)
+    mdir = next(Path(case['folder'])/m for m in _MASK_DIRS if (Path(case['folder'])/m).is_dir())
+    return sum(1 for p in mdir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
 
 def _work(*args):
     "`write_slices` in a worker: a `LiverSegError` comes back as a value (its pickled form loses `problem`)"
@@ -286,7 +289,7 @@ def prepare(src,                        # LiTS-style folder, folder of CHAOS-sty
             windows=('liver', 'custom'),# two windows (names in `dicom_windows` or (width, level)); freqhist is the 3rd channel
             workers=1,                  # worker processes (<= 0: one per CPU)
             force=False,                # rewrite a finished export
-            progress=True,              # show a progress bar (tqdm, on stderr)
+            progress=True,              # a progress bar on stderr, then a line with the counts
            ) -> Path:                   # the manifest, `out/manifest.csv`
     "Export every `every`-th slice of each case in `src` as a 3-channel image and a 0/1/2 mask, with a manifest"
     src, out = Path(src), Path(out)
@@ -305,19 +308,28 @@ def prepare(src,                        # LiTS-style folder, folder of CHAOS-sty
         if created: shutil.rmtree(out, ignore_errors=True)  # a failed new export leaves nothing behind
         raise
 
+def _plan(cases, out, fmt, every, force) -> list:
+    "(case, slices to export, their file stems, the slices whose files are missing) of every case, before any is read"
+    plan = []
+    for case in cases:
+        ks = list(range(0, _n_slices(case), every))
+        stem = {k: f"{case['case']}_{k:04d}" for k in ks}
+        todo = {k for k in ks if force or not ((out/'images'/f"{stem[k]}.{fmt}").exists()
+                                               and (out/'masks'/f"{stem[k]}.png").exists())}
+        plan.append((case, ks, stem, todo))
+    return plan
+
 def _prepare(cases, out, fmt, every, wins, workers, force, progress) -> Path:
+    import sys
     from concurrent.futures import FIRST_COMPLETED, wait
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text on stderr, in a notebook too: no widget state in its outputs
     written = _start_output(out, _settings(fmt, wins, every), force, cases)
+    plan = _plan(cases, out, fmt, every, force)
+    n_all, n_todo = sum(len(ks) for _, ks, _, _ in plan), sum(len(todo) for *_, todo in plan)
     rows, pool, pending = [], (_pool(workers) if workers > 1 else None), set()
-    bar = tqdm(total=0, unit='slice', desc='prepare', disable=not progress, leave=False)
+    bar = tqdm(total=n_todo, unit='slice', desc='prepare', disable=not progress, leave=False)
     try:
-        for case in cases:
-            ks = list(range(0, _n_slices(case), every))
-            stem = {k: f"{case['case']}_{k:04d}" for k in ks}
-            todo = {k for k in ks if force or not ((out/'images'/f"{stem[k]}.{fmt}").exists()
-                                                   and (out/'masks'/f"{stem[k]}.png").exists())}
-            bar.total += len(todo); bar.refresh()
+        for case, ks, stem, todo in plan:
             for kb, hu, labels in case_blocks(case, ks, todo, _BLOCK):
                 for k, lab in zip(kb, labels):
                     rows.append((case['case'], k, f"images/{stem[k]}.{fmt}", f"masks/{stem[k]}.png",
@@ -341,4 +353,6 @@ def _prepare(cases, out, fmt, every, wins, workers, force, progress) -> Path:
     w = csv.writer(buf, lineterminator='\n'); w.writerow(_COLUMNS); w.writerows(rows)
     manifest = out/'manifest.csv'
     _write_bytes(manifest, buf.getvalue().encode())
+    if progress: print(f"prepare: {n_all} slices of {len(cases)} cases: {n_todo} written, {n_all - n_todo} already there",
+                       file=sys.stderr, flush=True)
     return manifest

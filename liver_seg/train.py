@@ -14,6 +14,10 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
+from fastai.callback.progress import ProgressCallback
+import sys
+from contextlib import contextmanager
+from fastcore.basics import noop
 from .io import LiverSegError, atomic_path, refuse_input, _WRITE_ERRNOS
 from .data import seg_dataloaders
 from .metrics import get_loss, seg_metrics, LOSSES
@@ -22,8 +26,8 @@ from .distributed import distributed_env, process_group, SyncValidation, _withou
 from .checkpoints import run_folder, EpochCheckpoint, resume_state, _new_run_folder, _keep_history_rows
 
 # %% auto #0
-__all__ = ['UNET_DEFAULTS', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger',
-           'plot_learning_curves', 'load_train_config', 'auto_context']
+__all__ = ['UNET_DEFAULTS', 'TABLE_COLUMNS', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger',
+           'table_line', 'EpochTable', 'plot_learning_curves', 'load_train_config', 'auto_context']
 
 # %% ../nbs/07_train.ipynb #8f204557
 UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
@@ -164,13 +168,25 @@ def _restore_run(o, model, ckpt, run):
     o.history.n_epochs = o.history.skip_before = o.start
     o.history.batch_losses = [tuple(b) for b in ckpt['batch_losses']]
 
+@contextmanager
+def _console(learn, progress:bool):
+    "`EpochTable` in place of fastai's `ProgressCallback` while training, or no bars and no table when not `progress`"
+    if not progress:
+        with learn.no_bar(), learn.no_logging(): yield
+        return
+    had, logger = hasattr(learn, 'progress'), learn.logger
+    learn.remove_cb(ProgressCallback).add_cb(EpochTable())  # remove_cb(class) takes subclasses too
+    try: yield
+    finally:  # the learner as it was: `learner.pkl` holds fastai's callback, not ours
+        learn.remove_cb(ProgressCallback); learn.logger = logger
+        if had: learn.add_cb(ProgressCallback())
+
 def _fit(o, learn):
     "The schedule: one cycle (continued at `o.start` on a resume) or the seed's `fine_tune`, quiet unless `o.progress`"
-    quiet = lambda ctx: ctx if not o.progress else nullcontext()
     dist = learn.distrib_ctx(sync_bn=o.device.type == 'cuda', cpu=o.device.type == 'cpu') if o.world > 1 else nullcontext()
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*Your generator is empty.*')
-        with quiet(learn.no_bar()), quiet(learn.no_logging()), dist:
+        with _console(learn, o.progress), dist:
             if o.fit == 'one_cycle': learn.fit_one_cycle(o.epochs, o.lr, wd=o.wd, start_epoch=o.start)
             else: learn.fine_tune(o.epochs, base_lr=o.lr, wd=o.wd)
 
@@ -282,6 +298,46 @@ class HistoryLogger(CSVLogger):
     def after_fit(self):
         if hasattr(self, 'gather_preds'): return
         super().after_fit(); self.file = None
+
+# %% ../nbs/07_train.ipynb #b4d2f6a1
+TABLE_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'liver_dice', 'tumor_dice', 'dice_mean', 'time') # the console's epoch table
+
+def table_line(names, # the `Recorder`'s `metric_names`, the columns of `log`
+               log, # a row the `Recorder` logs, or `names` for the header
+              ) -> str:
+    "The `TABLE_COLUMNS` of `log` as one line of the epoch table: right-aligned, floats to 4 decimals"
+    names = list(names)
+    cell = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
+    return '  '.join(cell(log[names.index(c)]).rjust(max(len(c), 5)) for c in TABLE_COLUMNS if c in names)
+
+class EpochTable(ProgressCallback):
+    "fastai's `ProgressCallback` with a `table_line` per epoch; bars only in Jupyter or on a terminal"
+    order = 59 # before `CSVLogger`s (60): they log every column, then hand the row to this table
+    def __init__(self, bars:bool|None=None): # None: in Jupyter or when stdout is a terminal
+        super().__init__()
+        self.bars, self.headed = bars, False
+    def before_fit(self):
+        from fastprogress.core import IN_NOTEBOOK
+        from fastprogress.fastprogress import master_bar
+        self.show = (IN_NOTEBOOK or sys.stdout.isatty()) if self.bars is None else self.bars
+        if self.show and self.create_mbar: self.mbar = master_bar(list(range(self.n_epoch)))
+        self.old_logger = self.logger
+        if self.logger is not noop:
+            self.learn.logger = self._write_stats
+            self._write_stats(self.recorder.metric_names)
+    def _launch_pbar(self):
+        if self.show: super()._launch_pbar()
+        else: self.pbar = SimpleNamespace(update=noop, on_iter_end=noop) # fastprogress writes a '█' for any bar it makes
+    def _write_stats(self, log):
+        from fastprogress.fastprogress import NBMasterBar
+        names, mbar = list(self.recorder.metric_names), getattr(self, 'mbar', None)
+        line = table_line(names, log)
+        if isinstance(mbar, NBMasterBar): return mbar.write(line.split(), table=True) # Jupyter: an HTML table per fit
+        if list(log) == names:
+            if self.headed: return # the second fit of `fine_tune` continues the table
+            self.headed = True
+        if mbar is not None: mbar.write(line)
+        else: print(line, flush=True)
 
 # %% ../nbs/07_train.ipynb #c0d10d9f
 def plot_learning_curves(history, # history.csv of a model folder (path), or its DataFrame
