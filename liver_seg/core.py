@@ -16,8 +16,8 @@ from nibabel.orientations import io_orientation, axcodes2ornt, ornt_transform, a
 
 # %% auto #0
 __all__ = ['CLASS_LABELS', 'CANONICAL', 'ORIENTATION', 'LiverSegError', 'refuse_input', 'check_output', 'atomic_path',
-           'voxel_spacing', 'CTVolume', 'class_mask', 'case_sort_key', 'nifti_stem', 'case_key', 'canonical_ornt',
-           'to_canonical', 'from_canonical', 'to_display', 'from_display']
+           'scratch_dir', 'voxel_spacing', 'CTVolume', 'class_mask', 'case_sort_key', 'nifti_stem', 'case_key',
+           'canonical_ornt', 'to_canonical', 'from_canonical', 'to_display', 'from_display']
 
 # %% ../nbs/00_core.ipynb #4d5845de
 class LiverSegError(Exception):
@@ -104,6 +104,16 @@ def atomic_path(dest, # the final output path (a file, or a folder the caller cr
     except BaseException:
         _remove(tmp)
         raise
+
+# %% ../nbs/00_core.ipynb #490c3f4a
+def scratch_dir(name:str # a name of its own, e.g. the notebook's
+               ) -> Path: # `<system temporary folder>/liver_seg/<name>`, empty
+    "An empty folder at the same path on every run, for lessons and examples whose printed paths should not change"
+    import tempfile
+    d = Path(tempfile.gettempdir())/'liver_seg'/name
+    if d.exists(): shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
 
 # %% ../nbs/00_core.ipynb #2b13ff3f
 def voxel_spacing(affine) -> tuple: # mm along i, j, k
