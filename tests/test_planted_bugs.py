@@ -7,7 +7,8 @@ the CPU's bf16 capability (patched both ways);  5. `prepare` writes 0/1/2 mask P
 prediction against its own truth;  7. the minimum tumour size is in mm^3;  8. `predict` uses the model's windows.
 Also: DICOM slice order by position, and ASSD when its two directions differ.
 Volume-level inputs are chosen so that their results do not depend on the voxel order a reader picks."""
-import math
+import math, sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +26,9 @@ from liver_seg.model import default_config
 from liver_seg.postprocess import postprocess
 from liver_seg.predict import Predictor, predict_volume
 from liver_seg.synth import make_phantom, write_chaos_case, write_lits_case
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import BrightIsLiver  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -243,14 +247,6 @@ def test_min_tumour_size_is_in_mm3(spacing, kept, dropped):
 
 
 # 8. predict uses the windows the model's config.json names
-class BrightIsLiver(torch.nn.Conv2d):
-    "Fixed 1x1 conv: liver where the first (window) channel is above half its range"
-    def __init__(self):
-        super().__init__(3, 3, 1)
-        with torch.no_grad():
-            self.weight.zero_(); self.bias.zero_()
-            self.weight[1, 0] = 8.; self.bias[2] = -100.
-
 
 def _rings(n=32, z=4):
     "HU constant along Z in concentric squares: the same array in any flipped or transposed voxel order"

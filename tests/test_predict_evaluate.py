@@ -1,5 +1,5 @@
 "End-to-end prediction geometry and evaluation metrics (liver_seg.predict, liver_seg.evaluate)"
-import math
+import math, sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,24 +12,15 @@ from scipy.spatial import cKDTree
 
 from liver_seg.evaluate import case_metrics, evaluate
 from liver_seg.io import LiverSegError, read_mask, to_display
-from liver_seg.model import build_model, default_config, save_model_folder
+from liver_seg.model import default_config
 from liver_seg.predict import predict_path, predict_volume
 from liver_seg.synth import make_phantom, write_chaos_case, write_lits_case
 
+sys.path.insert(0, str(Path(__file__).parent))
+from models import BrightIsLiver, HU_INPUT, untrained_model_folder  # noqa: E402
+
 torch.set_num_threads(1)
 SHAPE = (64, 48, 10)
-HU_INPUT = {'kind': 'hu_windows', 'windows': [[150, 30], [200, 60]], 'freqhist': True, 'context': 0}
-
-
-class BrightIsLiver(torch.nn.Conv2d):
-    "Fixed 1x1 conv: liver where the liver-window channel is bright (HU > 30), so its output is known"
-    def __init__(self):
-        super().__init__(3, 3, 1)
-        with torch.no_grad():
-            self.weight.zero_(); self.bias.zero_()
-            self.weight[1, 0] = 8.; self.bias[2] = -100.
-
-
 def bright(kind='hu_windows'):
     return BrightIsLiver().eval(), default_config(arch='bright', size=64, precision='fp32', input={**HU_INPUT, 'kind': kind})
 
@@ -37,9 +28,7 @@ def bright(kind='hu_windows'):
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
     "A tiny untrained resnet34 U-Net model folder (geometry does not need training)"
-    cfg = default_config(arch='resnet34', size=64, precision='bf16', input=HU_INPUT)
-    torch.manual_seed(0)
-    return save_model_folder(build_model(cfg), cfg, tmp_path_factory.mktemp('m') / 'model')
+    return untrained_model_folder(tmp_path_factory.mktemp('m') / 'model')
 
 
 @pytest.fixture(scope='module')

@@ -9,13 +9,14 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from liver_seg.io import read_dicom_series, read_labels, read_nifti
-from liver_seg.model import build_model, default_config, save_model_folder
+from liver_seg.io import read_labels, read_nifti
 from liver_seg.synth import write_chaos_case, write_lits_case
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import untrained_model_folder  # noqa: E402
 
 torch.set_num_threads(2)
 SHAPE = dict(shape=(48, 40, 8), spacing=(1.5, 1.2, 4.0))
-HU_INPUT = {'kind': 'hu_windows', 'windows': [[150, 30], [200, 60]], 'freqhist': True, 'context': 0}
 
 
 def cli(*args):
@@ -27,9 +28,7 @@ def cli(*args):
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
     "An untrained U-Net folder: its labels are arbitrary but the same in every output of one run, which is what is checked"
-    cfg = default_config(arch='resnet18', size=64, precision='fp32', input=HU_INPUT)
-    torch.manual_seed(3)
-    return save_model_folder(build_model(cfg), cfg, tmp_path_factory.mktemp('m')/'model')
+    return untrained_model_folder(tmp_path_factory.mktemp('m')/'model', arch='resnet18', precision='fp32', seed=3)
 
 
 @pytest.fixture(scope='module')
