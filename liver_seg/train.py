@@ -10,24 +10,21 @@ import json, os, shutil, time, warnings
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
-import numpy as np
 import torch
 from fastai.callback.core import Callback
-from fastai.callback.progress import CSVLogger
 from fastai.callback.progress import ProgressCallback
-import sys
 from contextlib import contextmanager
-from fastcore.basics import noop
 from .io import LiverSegError, atomic_path, refuse_input, _WRITE_ERRNOS
 from .data import seg_dataloaders
 from .metrics import get_loss, seg_metrics, LOSSES
 from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
 from .distributed import distributed_env, process_group, SyncValidation, _without_sync_bn
 from .checkpoints import run_folder, EpochCheckpoint, resume_state, _new_run_folder, _keep_history_rows
+from .history import HistoryLogger, EpochTable, plot_learning_curves
 
 # %% auto #0
-__all__ = ['UNET_DEFAULTS', 'TABLE_COLUMNS', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'HistoryLogger',
-           'table_line', 'EpochTable', 'plot_learning_curves', 'load_train_config', 'auto_context']
+__all__ = ['UNET_DEFAULTS', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'load_train_config',
+           'auto_context']
 
 # %% ../nbs/07_train.ipynb #8f204557
 UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
@@ -272,98 +269,6 @@ def pretrained_encoder_state(arch:str='resnet34', # torchvision model name
         raise LiverSegError(w.url, f"cannot get the ImageNet weights for {arch} ({type(e).__name__}; offline?): "
                             f"train from scratch with --no-pretrained, or give a local torchvision {arch} state dict with --weights FILE") from None
     finally: socket.setdefaulttimeout(old)
-
-# %% ../nbs/07_train.ipynb #2cb1bbe1
-class HistoryLogger(CSVLogger):
-    "`CSVLogger` with one header and epochs numbered across fits; also records per-batch smoothed train loss"
-    def __init__(self, fname='history.csv'):
-        super().__init__(fname, append=True)
-        self.n_epochs, self.batch_losses = 0, []
-    def before_fit(self):
-        if hasattr(self, 'gather_preds'): return
-        f = self.path/self.fname
-        new = not f.exists() or f.stat().st_size == 0
-        f.parent.mkdir(parents=True, exist_ok=True)
-        self.file = f.open('a')
-        if new: self.file.write(','.join(self.recorder.metric_names) + '\n')
-        self.old_logger, self.learn.logger = self.logger, self._write_line
-    def _write_line(self, log):
-        log = list(log)
-        if log and isinstance(log[0], int):
-            if log[0] < getattr(self, 'skip_before', 0): return # an epoch skipped on resume: logged already
-            log[0] = self.n_epochs; self.n_epochs += 1
-        super()._write_line(log)
-    def after_batch(self):
-        if self.training: self.batch_losses.append((self.n_epochs + self.iter/max(1, self.n_iter), float(self.smooth_loss)))
-    def after_fit(self):
-        if hasattr(self, 'gather_preds'): return
-        super().after_fit(); self.file = None
-
-# %% ../nbs/07_train.ipynb #b4d2f6a1
-TABLE_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'liver_dice', 'tumor_dice', 'dice_mean', 'time') # the console's epoch table
-
-def table_line(names, # the `Recorder`'s `metric_names`, the columns of `log`
-               log, # a row the `Recorder` logs, or `names` for the header
-              ) -> str:
-    "The `TABLE_COLUMNS` of `log` as one line of the epoch table: right-aligned, floats to 4 decimals"
-    names = list(names)
-    cell = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
-    return '  '.join(cell(log[names.index(c)]).rjust(max(len(c), 5)) for c in TABLE_COLUMNS if c in names)
-
-class EpochTable(ProgressCallback):
-    "fastai's `ProgressCallback` with a `table_line` per epoch; bars only in Jupyter or on a terminal"
-    order = 59 # before `CSVLogger`s (60): they log every column, then hand the row to this table
-    def __init__(self, bars:bool|None=None): # None: in Jupyter or when stdout is a terminal
-        super().__init__()
-        self.bars, self.headed = bars, False
-    def before_fit(self):
-        from fastprogress.core import IN_NOTEBOOK
-        from fastprogress.fastprogress import master_bar
-        self.show = (IN_NOTEBOOK or sys.stdout.isatty()) if self.bars is None else self.bars
-        if self.show and self.create_mbar: self.mbar = master_bar(list(range(self.n_epoch)))
-        self.old_logger = self.logger
-        if self.logger is not noop:
-            self.learn.logger = self._write_stats
-            self._write_stats(self.recorder.metric_names)
-    def _launch_pbar(self):
-        if self.show: super()._launch_pbar()
-        else: self.pbar = SimpleNamespace(update=noop, on_iter_end=noop) # fastprogress writes a '█' for any bar it makes
-    def _write_stats(self, log):
-        from fastprogress.fastprogress import NBMasterBar
-        names, mbar = list(self.recorder.metric_names), getattr(self, 'mbar', None)
-        line = table_line(names, log)
-        if isinstance(mbar, NBMasterBar): return mbar.write(line.split(), table=True) # Jupyter: an HTML table per fit
-        if list(log) == names:
-            if self.headed: return # the second fit of `fine_tune` continues the table
-            self.headed = True
-        if mbar is not None: mbar.write(line)
-        else: print(line, flush=True)
-
-# %% ../nbs/07_train.ipynb #c0d10d9f
-def plot_learning_curves(history, # history.csv of a model folder (path), or its DataFrame
-                         fname=None, # write a PNG here (else return the figure)
-                         batch_losses=None, # [(epoch fraction, smoothed train loss), ...]
-                         title=None): # figure title
-    "Loss curves and the validation Dice of liver and tumour on one 0-1 axis, from a training run's history"
-    import pandas as pd
-    from matplotlib.figure import Figure  # no pyplot: works headless, leaves the user's backend alone
-    if isinstance(history, (str, Path)): history = pd.read_csv(history)
-    fig = Figure(figsize=(10, 3.6), dpi=100)
-    ax1, ax2 = fig.subplots(1, 2)
-    ep = history['epoch'].to_numpy() + 1
-    if batch_losses:
-        b = np.array(batch_losses); ax1.plot(b[:, 0], b[:, 1], color='C0', alpha=0.35, lw=1, label='train (per batch)')
-    ax1.plot(ep, history['train_loss'], 'o-', color='C0', label='train'); ax1.plot(ep, history['valid_loss'], 'o-', color='C1', label='valid')
-    ax1.set(xlabel='epoch', ylabel='loss', title='loss'); ax1.legend()
-    for col, c in (('liver_dice', 'C2'), ('tumor_dice', 'C3'), ('dice_mean', 'C4')):
-        if col in history: ax2.plot(ep, history[col], 'o-', color=c, label=col)
-    ax2.set(xlabel='epoch', ylabel='Dice', title='validation Dice', ylim=(0, 1), xlim=(0, max(1, len(ep)) + 0.1)); ax2.legend()
-    ax1.set_xlim(0, max(1, len(ep)) + 0.1)
-    if title: fig.suptitle(title)
-    fig.tight_layout()
-    if fname is None: return fig
-    fig.savefig(fname)
-    return Path(fname)
 
 # %% ../nbs/07_train.ipynb #f9889837
 def load_train_config(path): # a .yaml/.yml or .json file of train options

@@ -110,7 +110,7 @@ def test_plot_montage(case, tmp_path):
 
 
 def test_learning_curves_from_csv(tmp_path):
-    from liver_seg.train import plot_learning_curves
+    from liver_seg.history import plot_learning_curves
     csv = tmp_path / 'history.csv'
     pd.DataFrame(dict(epoch=[0, 1, 2], train_loss=[1, .6, .4], valid_loss=[.9, .7, .6], liver_dice=[.5, .8, .9],
                       tumor_dice=[0, .2, .3], time=['00:01'] * 3)).to_csv(csv, index=False)
