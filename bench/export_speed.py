@@ -1,4 +1,4 @@
-"""Export speed: the seed's NIfTI -> JPG/PNG slice loop vs `liver_seg.export.prepare`, same volume, same run.
+"""Export speed: the seed's NIfTI -> JPG/PNG slice loop vs `liver_seg.prepare.prepare`, same volume, same run.
 
     python bench/export_speed.py [--slices 300] [--workers 1,2] [--big 1000] [--gz]
 
@@ -62,7 +62,7 @@ print(json.dumps(dict(work=t1 - t0, cpu=time.process_time() - c0, imports=t0 - t
 OURS = r'''
 import json, os, resource, sys, threading, time
 t_imp = time.perf_counter()
-from liver_seg.export import prepare
+from liver_seg.prepare import prepare
 src, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 peaks, stop = {}, threading.Event()
 

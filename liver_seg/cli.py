@@ -38,7 +38,7 @@ def prepare(src:str,             # LiTS-style folder (volume-N.nii + segmentatio
             Quiet:bool=False):   # no progress bar: only the last line
     "Export CT volumes to windowed slice images, 0/1/2 mask PNGs and a manifest"
     _exists(src)
-    from liver_seg.export import prepare as _prepare
+    from liver_seg.prepare import prepare as _prepare
     import pandas as pd
     manifest = _prepare(src, out, fmt=format, every=every, windows=tuple(_csv(windows)), workers=workers, force=force,
                         progress=not Quiet)

@@ -78,7 +78,7 @@ def run_demo(out='liver_seg_demo', # folder for the data, model, prediction and 
              **recipe):            # overrides of `DEMO_RECIPE` (smaller runs in tests)
     "Phantoms -> prepare -> train -> predict a held-out phantom -> evaluate -> report"
     from liver_seg.synth import make_phantom_dataset, write_lits_case
-    from liver_seg.export import prepare
+    from liver_seg.prepare import prepare
     from liver_seg.train import train
     from liver_seg.history import plot_learning_curves
     from liver_seg.predict import predict_path

@@ -217,7 +217,7 @@ def _(t, d):
 
 @case('prepare-force-keeps-a-users-file-beside-an-export')
 def _(t, d):
-    from liver_seg.export import prepare
+    from liver_seg.prepare import prepare
     out = t/'out'; prepare(d.good, out, progress=False)
     (out/'images'/'notes.txt').write_text('mine')
     def kept(res):
@@ -313,7 +313,7 @@ def _(t, d):
 # ================================================================== 7. train on an export that never finished
 
 def _unfinished(t, d, drop_manifest=True):
-    from liver_seg.export import prepare
+    from liver_seg.prepare import prepare
     data = t/'data'; prepare(d.good, data, fmt='png', progress=False)
     if drop_manifest: (data/'manifest.csv').unlink()
     for p in sorted((data/'images').iterdir())[3:5]: p.unlink()

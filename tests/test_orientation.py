@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from liver_seg.export import prepare
+from liver_seg.prepare import prepare
 from liver_seg.io import (CTVolume, ORIENTATION, read_dicom_series, read_labels, read_mask, read_image, read_nifti,
                           to_canonical, from_canonical, to_display, find_dicom_files)
 from liver_seg.predict import predict_path

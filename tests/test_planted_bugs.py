@@ -21,7 +21,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from liver_seg.evaluate import case_metrics, distance_metrics, evaluate
-from liver_seg.export import prepare
+from liver_seg.prepare import prepare
 from liver_seg.model import default_config
 from liver_seg.postprocess import postprocess
 from liver_seg.predict import Predictor, predict_volume

@@ -1,4 +1,4 @@
-"`liver_seg.export.prepare` end to end on synthetic phantoms: counts, resume, atomicity, workers, CHAOS cases, errors."
+"`liver_seg.prepare.prepare` end to end on synthetic phantoms: counts, resume, atomicity, workers, CHAOS cases, errors."
 import os, shutil, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from liver_seg.export import prepare
+from liver_seg.prepare import prepare
 from liver_seg.io import LiverSegError, find_slice_pairs, read_image, read_mask, to_display
 from liver_seg.synth import canonical_phantom, write_chaos_case, write_lits_case
 from liver_seg.windows import slice_channels
@@ -149,7 +149,7 @@ def test_killed_run_leaves_only_complete_files_and_resumes(tmp_path):
     src, out, ref = tmp_path/'src', tmp_path/'out', tmp_path/'ref'
     write_lits_case(src, 0, shape=(160, 160, 160), seed=3)
     code = textwrap.dedent(f"""
-        from liver_seg.export import prepare
+        from liver_seg.prepare import prepare
         prepare({str(src)!r}, {str(out)!r}, fmt='png', progress=False)
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
