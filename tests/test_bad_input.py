@@ -506,14 +506,18 @@ def _(t, d): return E(d.seg, d.seg, t/'m.csv', t/'m.csv', WROTE, max_file_size=F
 
 # ================================================================== running the table
 
+def selected_cases(request) -> list:
+    "Case ids of this module's parametrized tests that the session selected (-k and all)"
+    return [it.callspec.params['cid'] for it in request.session.items
+            if it.path == request.path and 'cid' in getattr(getattr(it, 'callspec', None), 'params', {})]
+
+
 @pytest.fixture(scope='module')
 def results(request, tmp_path_factory):
     "{case id: (Spec, CompletedProcess or None)} for the cases selected in this session, run JOBS at a time"
-    wanted = [it.callspec.params['cid'] for it in request.session.items
-              if it.path == request.path and 'cid' in getattr(getattr(it, 'callspec', None), 'params', {})]
     data = Data(tmp_path_factory.mktemp('shared'))
     specs = {}
-    for cid in wanted:
+    for cid in selected_cases(request):
         t = tmp_path_factory.mktemp(cid[:40])
         specs[cid] = CASES[cid](t, data)
     todo = [c for c, s in specs.items() if s.skip is None]

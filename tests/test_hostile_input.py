@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_bad_input import (CMD, TIMEOUT, JOBS, SHAPE, FAST, Data, refusal_problems, visible_lines, snapshot, save_nii,
+from test_bad_input import (CMD, TIMEOUT, JOBS, selected_cases, SHAPE, FAST, Data, refusal_problems, visible_lines, snapshot, save_nii,
                             slice_folder, dcm_testfile)
 
 PEAK_LIMIT = 1.5 * 2**30  # bytes: the bomb claims 3.2 GB; torch and fastai alone stay well under this
@@ -254,7 +254,7 @@ def _(t, d):
 
 @case('prepare-header-bomb')
 def _(t, d):
-    src = t/'src'; src.mkdir(); b = bomb(src/'volume-0.nii.gz'); shutil.copy(d.seg, src/'segmentation-0.nii.gz')
+    src = t/'src'; src.mkdir(); bomb(src/'volume-0.nii.gz'); shutil.copy(d.seg, src/'segmentation-0.nii.gz')
     return S(['prepare', src, t/'out', '-q'], 'volume-0.nii.gz', r'declares 1200x1200x1200', t/'out', [src], peak=True)
 
 
@@ -392,10 +392,8 @@ def problems(spec, res, peak) -> list:
 @pytest.fixture(scope='module')
 def results(request, tmp_path_factory):
     "{case id: (Spec, (CompletedProcess, peak RSS) or None)} for the selected cases, run JOBS at a time"
-    wanted = [it.callspec.params['cid'] for it in request.session.items
-              if it.path == request.path and 'cid' in getattr(getattr(it, 'callspec', None), 'params', {})]
     data = Data(tmp_path_factory.mktemp('shared'))
-    specs = {cid: CASES[cid](tmp_path_factory.mktemp(cid[:40]), data) for cid in wanted}
+    specs = {cid: CASES[cid](tmp_path_factory.mktemp(cid[:40]), data) for cid in selected_cases(request)}
     todo = [c for c, s in specs.items() if s.skip is None]
     bombs = [c for c in todo if specs[c].peak]  # one at a time: a failing one may take GBs
     rest = [c for c in todo if not specs[c].peak]
