@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/predictor.html.md"""
 
 # %% ../nbs/09_predictor.ipynb #b9c71ac7
 from __future__ import annotations
-import contextlib
+import contextlib, sys
 from pathlib import Path
 import numpy as np
 import torch
@@ -65,8 +65,9 @@ class Predictor:
 
 # %% ../nbs/09_predictor.ipynb #5b767486
 def _progress(items, show:bool):
-    "`items` with a fastprogress bar when `show` (fastprogress prints a stray character even with display=False)"
-    if not show: return items
+    "`items` with a fastprogress bar when `show`, in Jupyter or on a terminal: piped output gets no bar characters"
+    from fastprogress.core import IN_NOTEBOOK
+    if not show or not (IN_NOTEBOOK or sys.stdout.isatty()): return items
     from fastprogress.fastprogress import progress_bar
     return progress_bar(items, leave=False)
 
