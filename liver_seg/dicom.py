@@ -14,7 +14,7 @@ from .core import LiverSegError, CTVolume
 from .slices import read_mask, _images_in
 
 # %% auto #0
-__all__ = ['find_dicom_files', 'dicom_series', 'read_dicom_series', 'read_chaos_case']
+__all__ = ['CHAOS_DICOM_DIRS', 'CHAOS_MASK_DIRS', 'find_dicom_files', 'dicom_series', 'read_dicom_series', 'read_chaos_case']
 
 # %% ../nbs/00c_dicom.ipynb #32a3ba0c
 # objects that sit beside a series but hold no CT image: documents, structured reports, segmentations,
@@ -197,13 +197,15 @@ def _number(stem:str) -> int:
     nums = re.findall(r'\d+', stem)
     return int(nums[-1]) if nums else -1
 
+CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS = ('DICOM', 'DICOM_anon'), ('masks', 'Ground') # a CHAOS case's series and mask folders
+
 def read_chaos_case(folder # a case folder: `DICOM/` (or `DICOM_anon/`, or the series itself) + `masks/` (or `Ground/`)
                    ) -> tuple: # (CTVolume, uint8 labels in the volume's (X, Y, Z) order)
     "Read a CT series with a folder of per-slice mask images (CHAOS layout)."
     folder = Path(folder)
     if not folder.is_dir(): raise LiverSegError(folder, "no such folder")
-    ddir = next((folder/n for n in ('DICOM', 'DICOM_anon') if (folder/n).is_dir()), folder)
-    mdir = next((folder/n for n in ('masks', 'Ground') if (folder/n).is_dir()), None)
+    ddir = next((folder/n for n in CHAOS_DICOM_DIRS if (folder/n).is_dir()), folder)
+    mdir = next((folder/n for n in CHAOS_MASK_DIRS if (folder/n).is_dir()), None)
     if mdir is None: raise LiverSegError(folder, "no masks/ (or Ground/) folder of per-slice mask images")
     vol, hdrs = _dcm_read(ddir)
     mfiles = sorted(_images_in(mdir), key=lambda p: (_number(p.stem), p.name))

@@ -10,7 +10,7 @@ import math, sys
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
-from .io import (LiverSegError, to_canonical, class_mask, atomic_path, check_output, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
+from .io import (LiverSegError, find_inputs, to_canonical, class_mask, atomic_path, check_output, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
                           nifti_stem, case_key, case_sort_key)
 from .postprocess import mask_bbox
 
@@ -108,32 +108,14 @@ def case_metrics(pred, # predicted labels (X, Y, Z): 0 background, 1 liver, 2 tu
 
 # %% ../nbs/10_evaluate.ipynb #bef5cdbd
 def _nifti_files(folder:Path) -> dict:
-    "{case: path} of the label NIfTI files in `folder` (a LiTS folder's `segmentation-*`, not its `volume-*`), refusing two files of one case"
-    res = {}
-    files = [p for p in sorted(folder.iterdir()) if nifti_stem(p) is not None and not p.name.startswith('.') and p.is_file()]
-    if any(p.name.lower().startswith('segmentation') for p in files):
-        files = [p for p in files if not p.name.lower().startswith('volume')] # the CT beside its labels
-    for p in files:
-        stem = nifti_stem(p)
-        k = case_key(stem)
-        if k in res: raise LiverSegError(p, f"same case number {k} as {res[k].name}")
-        res[k] = p
-    return res
+    "{case: path} of the label NIfTI files in `folder` (`liver_seg.io.find_inputs`)"
+    kind, found = find_inputs(folder, 'labels')
+    return {c.case: c.path for c in found} if kind == 'labels' else {}
 
 def _mask_files(folder:Path) -> dict:
-    "{case: {slice: path}} of the mask images in a slice folder"
-    if (folder/'masks').is_dir(): folder = folder/'masks'
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.')]
-    if any(p.stem.endswith('_mask') for p in files):
-        files = [p for p in files if p.stem.endswith('_mask')]
-        stems = [p.stem[:-5] for p in files]
-    else: stems = [p.stem for p in files]
-    res = {}
-    for p, s in zip(files, stems):
-        try: case, k = parse_slice_name(s)
-        except LiverSegError as e: raise LiverSegError(p, e.problem) from None
-        res.setdefault(case, {})[k] = p
-    return res
+    "{case: {slice: path}} of the mask images in a slice folder (`liver_seg.io.find_inputs`)"
+    kind, found = find_inputs(folder, 'labels')
+    return {c.case: c.labels for c in found} if kind == 'masks' else {}
 
 def _read_nifti_labels(p:Path):
     vol = read_labels(p)

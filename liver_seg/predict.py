@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import nibabel as nib
 import torch
-from .io import (LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
+from .io import (find_inputs, READERS, LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, IMAGE_EXTS, nifti_stem, case_key, case_sort_key)
 from .windows import volume_channels, DEFAULT_WINDOWS
 from .slices import MASK_VALUES
@@ -102,25 +102,6 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
     if not probabilities: return back(out)
     return back(out), back(probs).astype(np.float32) / PROB_SCALE
 
-# %% ../nbs/09a_predict.ipynb #da9d11d6
-def _dicom_subfolders(path:Path) -> list:
-    "Sub-folders of `path` that hold DICOM files, when `path` itself holds none directly"
-    if any(p.is_file() and not p.name.startswith('.') and find_dicom_files(p) for p in path.iterdir()): return []
-    return [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith('.') and find_dicom_files(d)]
-
-def _input_kind(path:Path) -> str:
-    "'nifti', 'dicom', 'slices' or 'volumes' (a folder of NIfTI files or of DICOM series folders)"
-    if not path.exists(): raise LiverSegError(path, "no such file or folder")
-    if path.is_file():
-        if nifti_stem(path) is not None: return 'nifti'
-        if find_dicom_files(path): return 'dicom'
-        raise LiverSegError(path, "not a NIfTI file (.nii, .nii.gz), a DICOM folder or a slice folder")
-    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith('.')]
-    if (path/'images').is_dir() or any(p.suffix.lower() in IMAGE_EXTS for p in files): return 'slices'
-    if any(nifti_stem(p) is not None for p in files) or len(_dicom_subfolders(path)) > 1: return 'volumes'
-    if find_dicom_files(path): return 'dicom'
-    raise LiverSegError(path, "folder holds no NIfTI volume, DICOM series or slice images")
-
 # %% ../nbs/09a_predict.ipynb #6351633b
 _ENCODE = {k: np.array(MASK_VALUES[k], np.uint8) for k in ('012', '127')} # what predict writes
 
@@ -176,7 +157,8 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
 
 # %% ../nbs/09a_predict.ipynb #1c65946b
 def _read_volume(path:Path, kind:str, series:str|None=None) -> CTVolume:
-    return read_nifti(path) if kind == 'nifti' else read_dicom_series(path, series)
+    "A volume read by its reader (`liver_seg.io.READERS`); `series` picks one series of a DICOM folder"
+    return READERS[kind](path, **({'series': series} if kind == 'dicom' else {}))
 
 def _inputs(model, input:Path, kind:str) -> list:
     "What a prediction reads, which its output may never be: the input (and a DICOM folder's files) and the model folder"
@@ -223,7 +205,7 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                 ) -> Path: # the output written
     "Segment INPUT with a model and write OUTPUT in the input's geometry (volumes) or under its names (slices)"
     input, output = Path(input), Path(output)
-    kind = _input_kind(input)
+    kind = find_inputs(input, 'volumes')[0]
     if kind != 'volumes' and (part not in (None, '1/1') or workers != 1):
         raise LiverSegError(input, "--part and --workers share a folder of volumes; this is a single volume or slice folder")
     if series is not None and kind != 'dicom': raise LiverSegError(input, "--series picks a series of a DICOM folder; this is not one")
@@ -269,12 +251,9 @@ def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int,
 
 # %% ../nbs/09a_predict.ipynb #e9f71281
 def volume_files(folder) -> list: # NIfTI files and DICOM series folders, sorted by case number
-    "The volumes a folder holds: its NIfTI files (only `volume-*` where there are some) or its DICOM series sub-folders"
-    folder = Path(folder)
-    nii = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.') and nifti_stem(p) is not None]
-    vols = [p for p in nii if p.name.lower().startswith('volume')]
-    found = (vols or nii) + _dicom_subfolders(folder)
-    return sorted(found, key=lambda p: (case_sort_key(case_key(nifti_stem(p) or p.name)), p.name))
+    "The volumes a folder of volumes holds (`liver_seg.io.find_inputs`): its NIfTI files (only `volume-*` where there are some) or its DICOM series sub-folders"
+    kind, found = find_inputs(folder, 'volumes')
+    return [c.path for c in found] if kind == 'volumes' else []
 
 def prediction_name(src) -> str: # a volume's file or folder
     "File name of the prediction for volume `src`: `volume-3.nii` -> `segmentation-3.nii.gz`, else `<name>.nii.gz`"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv, io, json, os, re, shutil
 from pathlib import Path
 import numpy as np
-from .io import LiverSegError, CTVolume, ORIENTATION, read_chaos_case, open_nifti, canonical_ornt, to_canonical, refuse_input
+from .io import LiverSegError, find_inputs, CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS, CTVolume, ORIENTATION, read_chaos_case, open_nifti, canonical_ornt, to_canonical, refuse_input
 from nibabel.orientations import apply_orientation
 from .windows import get_windows, display_channels, display_stack
 from .io import IMAGE_EXTS
@@ -18,48 +18,11 @@ from .io import IMAGE_EXTS
 __all__ = ['JPEG_QUALITY', 'find_cases', 'case_blocks', 'write_slices', 'prepare']
 
 # %% ../nbs/03_prepare.ipynb #68204ae6
-_VOL_RE = re.compile(r'^volume-(\d+)\.nii(\.gz)?$')
-_SEG_RE = re.compile(r'^segmentation-(\d+)\.nii(\.gz)?$')
-_DICOM_DIRS, _MASK_DIRS = ('DICOM', 'DICOM_anon'), ('masks', 'Ground')
-
-def _is_chaos_case(p:Path) -> bool:
-    return any((p/d).is_dir() for d in _DICOM_DIRS) and any((p/m).is_dir() for m in _MASK_DIRS)
-
 def find_cases(src # a LiTS-style folder, a folder of CHAOS-style case folders, one case folder, or one `volume-N.nii[.gz]`
               ) -> list: # dicts with `case`, `kind` ('lits'|'chaos') and `volume`, `labels` (LiTS) or `folder` (CHAOS)
-    "The cases under `src`, sorted by case id; raises `LiverSegError` when there are none"
-    src = Path(src)
-    if not src.exists(): raise LiverSegError(src, "no such file or folder")
-    if src.is_file():
-        if not _VOL_RE.match(src.name): raise LiverSegError(src, "expected a LiTS volume-N.nii[.gz] file or a folder")
-        # a lone volume: its segmentation is beside it or in a sibling folder (LiTS's segmentations/)
-        vols, where = [src], [src.parent.glob('segmentation-*.nii*'), src.parent.parent.glob('*/segmentation-*.nii*')]
-    else: vols, where = sorted(p for p in src.rglob('volume-*.nii*') if _VOL_RE.match(p.name)), [src.rglob('segmentation-*.nii*')]
-    segs = {}
-    for found in where if vols else []:
-        for p in sorted(found):
-            m = _SEG_RE.match(p.name)
-            if m: segs.setdefault(int(m.group(1)), p)
-    cases = []
-    for v in vols:
-        n = int(_VOL_RE.match(v.name).group(1))
-        if n not in segs: raise LiverSegError(v, f"no segmentation-{n}.nii[.gz] found with it")
-        cases.append(dict(case=f"volume-{n}", kind='lits', volume=v, labels=segs[n]))
-    if src.is_dir():
-        chaos = [src] if _is_chaos_case(src) else sorted({p.parent for d in _DICOM_DIRS for p in src.rglob(d)
-                                                          if p.is_dir() and _is_chaos_case(p.parent)})
-        cases += [dict(case=p.name, kind='chaos', folder=p) for p in chaos]
-    if not cases:
-        raise LiverSegError(src, "no volumes found: expected volume-N.nii[.gz] with segmentation-N.nii[.gz], "
-                                 "or CHAOS-style case folders with DICOM/ and masks/")
-    seen = {}
-    for c in cases:
-        where = c.get('volume', c.get('folder'))
-        if c['case'] in seen: raise LiverSegError(where, f"case id {c['case']!r} also used by {seen[c['case']]}")
-        if '/' in c['case'] or c['case'].startswith('.'): raise LiverSegError(where, f"unusable case id {c['case']!r}")
-        seen[c['case']] = where
-    return sorted(cases, key=lambda c: (not c['case'].isdigit(), int(c['case']) if c['case'].isdigit() else 0,
-                                        int(c['case'][7:]) if c['kind'] == 'lits' else 0, c['case']))
+    "The cases under `src` (`liver_seg.io.find_inputs`), sorted by case id, as the work records `prepare` fills in"
+    return [dict(case=c.case, kind=c.kind, **(dict(volume=c.path, labels=c.labels) if c.kind == 'lits' else dict(folder=c.path)))
+            for c in find_inputs(src, 'cases')[1]]
 
 # %% ../nbs/03_prepare.ipynb #0b62924d
 def _open_nifti(path:Path):
@@ -190,7 +153,7 @@ def _inputs(cases) -> list:
     found = []
     for c in cases:
         if c['kind'] == 'lits': found += [Path(c['volume']), Path(c['labels'])]
-        else: found += [Path(c['folder'])/d for d in (*_DICOM_DIRS, *_MASK_DIRS) if (Path(c['folder'])/d).is_dir()] or [Path(c['folder'])]
+        else: found += [Path(c['folder'])/d for d in (*CHAOS_DICOM_DIRS, *CHAOS_MASK_DIRS) if (Path(c['folder'])/d).is_dir()] or [Path(c['folder'])]
     return found
 
 def _written(out:Path) -> tuple:
@@ -245,7 +208,7 @@ def _n_slices(case) -> int:
     if case['kind'] == 'lits': return _slice_axis(_open_nifti(Path(case['volume']))[0])[2][2]
     if '_read' in case: return case['_read'][0].shape[2]
     # one mask image per DICOM slice (`read_chaos_case` refuses a case where the counts differ)
-    mdir = next(Path(case['folder'])/m for m in _MASK_DIRS if (Path(case['folder'])/m).is_dir())
+    mdir = next(Path(case['folder'])/m for m in CHAOS_MASK_DIRS if (Path(case['folder'])/m).is_dir())
     return sum(1 for p in mdir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
 
 def _work(*args):
