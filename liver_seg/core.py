@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 from nibabel.orientations import io_orientation, axcodes2ornt, ornt_transform, apply_orientation, inv_ornt_aff
 
 # %% auto #0
-__all__ = ['CLASS_LABELS', 'CANONICAL', 'ORIENTATION', 'LiverSegError', 'refuse_input', 'check_output', 'atomic_path',
+__all__ = ['CODES', 'CLASS_LABELS', 'CANONICAL', 'ORIENTATION', 'LiverSegError', 'refuse_input', 'check_output', 'atomic_path',
            'scratch_dir', 'voxel_spacing', 'CTVolume', 'class_mask', 'case_sort_key', 'nifti_stem', 'case_key',
            'canonical_ornt', 'to_canonical', 'from_canonical', 'to_display', 'from_display']
 
@@ -118,7 +119,7 @@ def scratch_dir(name:str # a name of its own, e.g. the notebook's
 # %% ../nbs/00_core.ipynb #2b13ff3f
 def voxel_spacing(affine) -> tuple: # mm along i, j, k
     "Voxel size of a 4x4 voxel -> mm affine: the lengths of its first three columns (right for oblique affines too)"
-    return tuple(float(s) for s in np.sqrt((np.asarray(affine, float)[:3, :3]**2).sum(0)))
+    return tuple(float(s) for s in voxel_sizes(np.asarray(affine, float)))
 
 @dataclass(repr=False)
 class CTVolume:
@@ -141,6 +142,7 @@ class CTVolume:
         return f"CTVolume(shape={self.shape}, dtype={self.array.dtype}, spacing=({sp}) mm, path={self.path})"
 
 # %% ../nbs/00_core.ipynb #b9285c16
+CODES = ['background', 'liver', 'tumor'] # label value -> class name (LiTS: 0 background, 1 liver, 2 tumour)
 CLASS_LABELS = {'liver': (1, 2), 'liver_parenchyma': (1,), 'tumor': (2,)} # the label values each class counts
 
 def class_mask(labels, # label array (0 background, 1 liver, 2 tumour)
@@ -150,7 +152,7 @@ def class_mask(labels, # label array (0 background, 1 liver, 2 tumour)
     vals = CLASS_LABELS.get('tumor' if cls == 'tumour' else cls)
     if vals is None: raise ValueError(f"unknown class {cls!r}; choose one of {', '.join(CLASS_LABELS)}")
     labels = np.asarray(labels)
-    return labels > 0 if vals == (1, 2) else labels == vals[0] if len(vals) == 1 else np.isin(labels, vals)
+    return np.isin(labels, vals)
 
 # %% ../nbs/00_core.ipynb #2afa421d
 def case_sort_key(case:str):

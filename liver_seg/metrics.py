@@ -15,11 +15,11 @@ from fastai.losses import CrossEntropyLossFlat, DiceLoss, FocalLossFlat
 from fastai.torch_core import TensorBase
 
 # %% auto #0
-__all__ = ['CODES', 'LOSSES', 'cust_foreground_acc', 'ClassOverlap', 'score', 'DiceMean', 'seg_metrics', 'JaccardLoss',
-           'CEDiceLoss', 'get_loss']
+__all__ = ['LOSSES', 'cust_foreground_acc', 'ClassOverlap', 'score', 'DiceMean', 'seg_metrics', 'JaccardLoss', 'CEDiceLoss',
+           'get_loss']
 
 # %% ../nbs/05_metrics.ipynb #c203878c
-CODES = ['background', 'liver', 'tumor']
+from .core import CODES # the label names (core is numpy only: metrics needs nothing of the pipeline)
 
 # %% ../nbs/05_metrics.ipynb #3d3492dd
 def cust_foreground_acc(inp, # logits, B x C x H x W

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from . import __version__
 from .io import LiverSegError, ORIENTATION, atomic_path
-from .metrics import CODES
+from .core import CODES
 from .windows import DEFAULT_WINDOWS
 
 # %% auto #0
@@ -147,7 +147,7 @@ def check_config(cfg:dict, # a `config.json` dict
             if v is None: continue
             if not isinstance(v, dict): raise LiverSegError(path, f"{outer!r} is {json.dumps(v)[:40]}, expected a dict")
             v = v.get(inner, None)
-        if v is None and key not in ('orientation',): continue  # missing: the default applies
+        if v is None: continue  # missing: the default applies
         if not ok(v): raise LiverSegError(path, f"{key!r} is {json.dumps(v)[:40]}, expected {what}")
     return cfg
 

@@ -80,7 +80,7 @@ def case_blocks(case:dict,      # a case from `find_cases`
     "Read a case block by block: slices `ks` in display orientation, HU only for blocks with slices in `todo`"
     ks = list(ks); todo = set(ks) if todo is None else set(todo)
     if case['kind'] == 'chaos':
-        vol, labels = case.pop('_read', None) or read_chaos_case(case['folder'])
+        vol, labels = read_chaos_case(case['folder'])
         hu, lab = to_canonical(vol).array, to_canonical(CTVolume(labels, vol.affine)).array
         src = lambda k0, k1: (hu[:, :, k0:k1], lab[:, :, k0:k1])
     else:
@@ -206,7 +206,6 @@ def _start_output(out:Path, settings:dict, force:bool, cases:list) -> set:
 def _n_slices(case) -> int:
     "Number of slices of a case, without reading its voxels: from the NIfTI header, or a CHAOS case's mask images"
     if case['kind'] == 'lits': return _slice_axis(_open_nifti(Path(case['volume']))[0])[2][2]
-    if '_read' in case: return case['_read'][0].shape[2]
     # one mask image per DICOM slice (`read_chaos_case` refuses a case where the counts differ)
     mdir = next(Path(case['folder'])/m for m in CHAOS_MASK_DIRS if (Path(case['folder'])/m).is_dir())
     return sum(1 for p in mdir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
