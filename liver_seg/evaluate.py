@@ -10,7 +10,7 @@ import math, sys
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
-from .io import (LiverSegError, find_inputs, to_canonical, class_mask, atomic_path, check_output, read_labels, read_mask, parse_slice_name, IMAGE_EXTS,
+from .io import (LiverSegError, find_inputs, to_canonical, class_mask, atomic_path, check_output, read_labels, read_mask,
                           nifti_stem, case_key, case_sort_key)
 from .postprocess import mask_bbox
 
@@ -107,15 +107,10 @@ def case_metrics(pred, # predicted labels (X, Y, Z): 0 background, 1 liver, 2 tu
     return res
 
 # %% ../nbs/10_evaluate.ipynb #bef5cdbd
-def _nifti_files(folder:Path) -> dict:
-    "{case: path} of the label NIfTI files in `folder` (`liver_seg.io.find_inputs`)"
+def _labels_in(folder:Path) -> tuple:
+    "({case: NIfTI file}, {case: {slice: mask image}}) of a folder of labels, by one `liver_seg.io.find_inputs`; one is empty"
     kind, found = find_inputs(folder, 'labels')
-    return {c.case: c.path for c in found} if kind == 'labels' else {}
-
-def _mask_files(folder:Path) -> dict:
-    "{case: {slice: path}} of the mask images in a slice folder (`liver_seg.io.find_inputs`)"
-    kind, found = find_inputs(folder, 'labels')
-    return {c.case: c.labels for c in found} if kind == 'masks' else {}
+    return ({c.case: c.path for c in found}, {}) if kind == 'labels' else ({}, {c.case: c.labels for c in found})
 
 def _read_nifti_labels(p:Path):
     vol = read_labels(p)
@@ -201,7 +196,7 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
             if nifti_stem(p) is None: raise LiverSegError(p, "expected a .nii or .nii.gz file")
         jobs = [(case_key(nifti_stem(gt)), lambda: _nifti_case(pred, gt))]
     elif pred.is_dir() and gt.is_dir():
-        pn, gn = _nifti_files(pred), _nifti_files(gt)
+        (pn, pm), (gn, gm) = _labels_in(pred), _labels_in(gt)
         if pn or gn:
             for p, n in ((pred, pn), (gt, gn)):
                 if not n: raise LiverSegError(p, "no NIfTI files (the other folder has some)")
@@ -210,7 +205,6 @@ def evaluate(pred, # predicted labels: a NIfTI file, a folder of NIfTI files, or
             jobs = [(k, (lambda a=a, b=b: _nifti_case(a, b))) for k, (a, b) in pairs.items()]
             only_p, only_g = sorted(set(pn) - set(gn), key=case_sort_key), sorted(set(gn) - set(pn), key=case_sort_key)
         else:
-            pm, gm = _mask_files(pred), _mask_files(gt)
             for p, n in ((pred, pm), (gt, gm)):
                 if not n: raise LiverSegError(p, "no NIfTI files and no mask images")
             jobs = []

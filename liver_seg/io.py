@@ -9,7 +9,6 @@ __all__ = ['READERS', 'Case', 'dicom_subfolders', 'find_inputs']
 
 # %% ../nbs/00d_io.ipynb #6776de09
 from .core import *
-from .core import _WRITE_ERRNOS
 from .nifti import *
 from .slices import *
 from .dicom import *
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import LiverSegError, nifti_stem, case_key, case_sort_key
 from .slices import IMAGE_EXTS, parse_slice_name
-from .dicom import find_dicom_files, CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS
+from .dicom import find_dicom_files, _is_dicom, CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS
 
 @dataclass
 class Case:
@@ -37,10 +36,14 @@ class Case:
 READERS = dict(nifti=read_nifti, dicom=read_dicom_series, lits=read_nifti, chaos=read_chaos_case, labels=read_labels)
 
 # %% ../nbs/00d_io.ipynb #f57714ca
+def _holds_dicom(folder:Path) -> bool:
+    "Does `folder` (recursively) hold a DICOM file? Stops at the first one: each file's preamble is read at most once"
+    return any(p.is_file() and not p.name.startswith('.') and _is_dicom(p) for p in folder.rglob('*'))
+
 def dicom_subfolders(path:Path) -> list:
     "Sub-folders of `path` that hold DICOM files, when `path` itself holds none directly"
-    if any(p.is_file() and not p.name.startswith('.') and find_dicom_files(p) for p in path.iterdir()): return []
-    return [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith('.') and find_dicom_files(d)]
+    if any(p.is_file() and not p.name.startswith('.') and _is_dicom(p) for p in path.iterdir()): return []
+    return [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith('.') and _holds_dicom(d)]
 
 def _input_kind(path:Path) -> str:
     "'nifti', 'dicom', 'slices' or 'volumes' (a folder of NIfTI files or of DICOM series folders)"
@@ -52,7 +55,7 @@ def _input_kind(path:Path) -> str:
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith('.')]
     if (path/'images').is_dir() or any(p.suffix.lower() in IMAGE_EXTS for p in files): return 'slices'
     if any(nifti_stem(p) is not None for p in files) or len(dicom_subfolders(path)) > 1: return 'volumes'
-    if find_dicom_files(path): return 'dicom'
+    if _holds_dicom(path): return 'dicom'
     raise LiverSegError(path, "folder holds no NIfTI volume, DICOM series or slice images")
 
 def _volume_files(folder:Path) -> list:

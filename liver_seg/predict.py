@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import nibabel as nib
 import torch
-from .io import (find_inputs, READERS, LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, read_nifti, read_dicom_series, find_dicom_files,
-                          write_labels, find_slice_pairs, read_image, IMAGE_EXTS, nifti_stem, case_key, case_sort_key)
+from .io import (find_inputs, READERS, LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, find_dicom_files,
+                          write_labels, find_slice_pairs, read_image, nifti_stem)
 from .windows import volume_channels, DEFAULT_WINDOWS
 from .slices import MASK_VALUES
 from .predictor import Predictor, get_predictor, _progress
@@ -100,7 +100,9 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
         out = _post(out, spacing=None if can.affine is None else can.spacing)
     back = (lambda a: a) if volume.affine is None else (lambda a: from_canonical(a, volume))
     if not probabilities: return back(out)
-    return back(out), back(probs).astype(np.float32) / PROB_SCALE
+    p = back(probs).astype(np.float32)
+    p /= PROB_SCALE # in place: one float32 copy of the probabilities, not two
+    return back(out), p
 
 # %% ../nbs/09a_predict.ipynb #6351633b
 _ENCODE = {k: np.array(MASK_VALUES[k], np.uint8) for k in ('012', '127')} # what predict writes
@@ -212,9 +214,10 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
     if kind == 'slices' and (probabilities or extras or writer): raise LiverSegError(input, "statistics, previews, probabilities and DICOM SEG are made for volumes; this is a slice folder")
     if writer is not None and kind != 'dicom': raise LiverSegError(input, "a DICOM SEG refers to a DICOM series; this input is not one")
     is_nii = nifti_stem(output) is not None
+    inputs = _inputs(model, input, kind) if kind != 'volumes' else [] # what the outputs may never be (listed once)
     if kind != 'volumes':
         for p in [output] + ([] if kind == 'slices' else _side_outputs(output, probabilities, extras)):
-            check_output(p, force, _inputs(model, input, kind), folder=kind == 'slices' and p == output) # before any work
+            check_output(p, force, inputs, folder=kind == 'slices' and p == output) # before any work
     if kind == 'volumes':
         if is_nii: raise LiverSegError(output, "a folder of volumes gives a folder of .nii.gz files, not one NIfTI file")
         return predict_volumes(model, input, output, part=part, workers=workers, batch_size=batch_size, device=device, tta=tta,
@@ -226,7 +229,7 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
         return predict_slices(pred, input, output, batch_size, device, tta, bool(postprocess), encoding, force, progress)
     if not is_nii and writer is None: raise LiverSegError(output, "output of a volume must end in .nii.gz (or .nii)")
     return _predict_file(pred, input, kind, output, batch_size, tta, postprocess is None or postprocess, force, progress,
-                         series, _inputs(model, input, kind), probabilities, extras, writer)
+                         series, inputs, probabilities, extras, writer)
 
 def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int, tta:bool, postprocess:bool, force:bool, progress:bool,
                   series:str|None=None, inputs=(), probabilities:bool=False, extras=(), writer=None) -> Path:

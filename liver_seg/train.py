@@ -14,7 +14,8 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from contextlib import contextmanager
-from .io import LiverSegError, atomic_path, refuse_input, _WRITE_ERRNOS
+from .io import LiverSegError, atomic_path, refuse_input
+from .core import _WRITE_ERRNOS
 from .data import seg_dataloaders
 from .metrics import get_loss, seg_metrics, LOSSES
 from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io as _io
 from pathlib import Path
 import numpy as np
-from .io import LiverSegError
+from .io import LiverSegError, find_inputs
 from .viz import (display_image, label_layer, error_layer, error_map, montage_slices, display_stack, _resolve_window,
                            window_presets, LABEL_COLORS, ERROR_COLORS)
 
@@ -39,12 +39,6 @@ def _png(rgb, scale=1):
     b = _io.BytesIO(); im.save(b, format='png'); return b.getvalue()
 
 # %% ../nbs/11b_viewer.ipynb #787a4608
-def _is_dicom_folder(folder:Path) -> bool:
-    "A folder of DICOM files (no slice images): a series to read as a volume"
-    from liver_seg.io import find_dicom_files, IMAGE_EXTS
-    if (folder/'images').is_dir() or any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir()): return False
-    return bool(find_dicom_files(folder))
-
 def load_case(source, # NIfTI file, DICOM series folder, slice folder, `CTVolume`, array or list of slices
               labels=None, # labels: path, `CTVolume`, array (same layout as `source`) or None
               pred=None, # predicted labels, same kinds and layout as `labels` (or None)
@@ -53,7 +47,9 @@ def load_case(source, # NIfTI file, DICOM series folder, slice folder, `CTVolume
              ) -> tuple: # (images H x W x N, labels or None, pred or None, slice names)
     "One case as display-oriented stacks, from any of the sources the viewer accepts."
     names = None
-    if isinstance(source, (str, Path)) and Path(source).is_dir() and not _is_dicom_folder(Path(source)):
+    kind = find_inputs(source, 'volumes')[0] if isinstance(source, (str, Path)) else None
+    if kind == 'volumes': raise LiverSegError(source, "holds several volumes; give the viewer one of them")
+    if kind == 'slices':
         from liver_seg.io import find_slice_pairs, read_slice_volume
         df = find_slice_pairs(source)
         case = str(df['case'].iloc[0] if case is None else case)
@@ -61,9 +57,9 @@ def load_case(source, # NIfTI file, DICOM series folder, slice folder, `CTVolume
         if not len(rows): raise LiverSegError(source, f"no case {case!r}; cases are {list(df['case'].unique())}")
         source, lab = read_slice_volume(rows)
         labels, orient, names = (lab if labels is None else labels), 'display', list(rows['slice'])
-    elif isinstance(source, (str, Path)):
-        from liver_seg.io import read_nifti, read_labels, read_dicom_series
-        source, orient = (read_dicom_series(source) if Path(source).is_dir() else read_nifti(source)), 'xyz'
+    elif kind is not None:
+        from liver_seg.io import READERS, read_labels
+        source, orient = READERS[kind](source), 'xyz'
         labels, pred = [read_labels(a) if isinstance(a, (str, Path)) else a for a in (labels, pred)]
     imgs, labs = display_stack(source, labels, orient)
     if pred is not None: pred = display_stack(source, pred, orient)[1]

@@ -6,9 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/viz.html.md"""
 
 # %% ../nbs/11_viz.ipynb #ac993b3f
 from __future__ import annotations
-import io as _io
 from pathlib import Path
-from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
