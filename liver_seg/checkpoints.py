@@ -81,7 +81,7 @@ def _keep_history_rows(fname:Path, n:int):
     "Keep the header and the first `n` epoch rows of history.csv"
     if not fname.exists(): return
     rows = fname.read_text().splitlines(keepends=True)
-    fname.write_text(''.join(rows[:n + 1]))
+    with atomic_path(fname, force=True) as tmp: tmp.write_text(''.join(rows[:n + 1])) # a kill keeps the old history whole
 
 def resume_state(out, # the model folder of the interrupted run
                  recipe:dict): # the recipe of the run about to start

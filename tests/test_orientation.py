@@ -6,19 +6,17 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from PIL import Image
 
 from liver_seg.prepare import prepare
-from liver_seg.io import (CTVolume, ORIENTATION, read_dicom_series, read_labels, read_mask, read_image, read_nifti,
-                          to_canonical, from_canonical, to_display, find_dicom_files)
+from liver_seg.io import (read_dicom_series, read_labels, read_mask, read_image, to_canonical, from_canonical,
+                          find_dicom_files)
 from liver_seg.predict import predict_path
 from liver_seg.synth import make_phantom_dataset, write_chaos_case, write_lits_case
 from liver_seg.train import train
 from liver_seg.viewer import load_case
 from liver_seg.windows import slice_channels
 
-torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 REAL_IO = ROOT.parent/'shared'/'data'/'real-ct-io'/'totalsegmentator_example'
 SHAPE = dict(shape=(64, 64, 12), spacing=(1.6, 1.6, 5.0))
@@ -29,7 +27,7 @@ ORDERS = [None, ('R', 'A', 'S'), ('L', 'A', 'S'), ('P', 'L', 'S'), ('S', 'R', 'A
 
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
-    "A small U-Net trained on phantom slices exported by `prepare` (about a minute: liver Dice ~0.85 on a new phantom)"
+    "A small U-Net trained on phantom slices exported by `prepare` (15-60 s here: liver Dice ~0.85 on a new phantom)"
     tmp = tmp_path_factory.mktemp('orient')
     make_phantom_dataset(tmp/'lits', n_cases=3, kind='lits', seed=11, **SHAPE)
     prepare(tmp/'lits', tmp/'slices', fmt='png', progress=False)
@@ -40,11 +38,6 @@ def model(tmp_path_factory):
 def _in_space(path) -> np.ndarray:
     "Labels of a NIfTI file in canonical voxel order: equal arrays mean equal labels at the same points in space"
     return to_canonical(read_labels(path)).array
-
-
-def test_model_folder_records_the_convention(model):
-    import json
-    assert json.loads((model/'config.json').read_text())['orientation'] == ORIENTATION
 
 
 def test_every_voxel_order_gives_the_same_labels_in_space(model, tmp_path):

@@ -30,7 +30,6 @@ from liver_seg.synth import make_phantom, write_chaos_case, write_lits_case
 sys.path.insert(0, str(Path(__file__).parent))
 from models import BrightIsLiver  # noqa: E402
 
-torch.set_num_threads(1)
 
 
 # 1. logits resized to the slice with bilinear interpolation (not nearest) before the argmax

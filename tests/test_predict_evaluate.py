@@ -5,7 +5,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
@@ -19,7 +18,6 @@ from liver_seg.synth import make_phantom, write_chaos_case, write_lits_case
 sys.path.insert(0, str(Path(__file__).parent))
 from models import BrightIsLiver, HU_INPUT, untrained_model_folder  # noqa: E402
 
-torch.set_num_threads(1)
 SHAPE = (64, 48, 10)
 def bright(kind='hu_windows'):
     return BrightIsLiver().eval(), default_config(arch='bright', size=64, precision='fp32', input={**HU_INPUT, 'kind': kind})

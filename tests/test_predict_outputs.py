@@ -6,7 +6,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy import ndimage as ndi
 
 from liver_seg.io import read_labels, read_nifti
@@ -15,7 +14,6 @@ from liver_seg.synth import write_chaos_case, write_lits_case
 sys.path.insert(0, str(Path(__file__).parent))
 from models import untrained_model_folder  # noqa: E402
 
-torch.set_num_threads(2)
 SHAPE = dict(shape=(48, 40, 8), spacing=(1.5, 1.2, 4.0))
 
 
@@ -39,17 +37,16 @@ def lits(tmp_path_factory):
 
 
 def test_statistics_are_the_labels_counted(model, lits, tmp_path):
+    "The JSON beside the output is the statistics of the labels written, on the CT read; this case's labels hold tumour"
+    from liver_seg.report import label_statistics
     out = tmp_path/'seg.nii.gz'
-    cli('predict', model, lits/'volume-1.nii.gz', out, '--statistics', '-q')
+    cli('predict', model, lits/'volume-0.nii.gz', out, '--statistics', '-q')
     stats, lab = json.loads((tmp_path/'seg.json').read_text()), read_labels(out)
+    assert (lab.array == 2).any() and (lab.array == 1).any()   # both classes, so every number below is exercised
+    assert stats == json.loads(json.dumps(label_statistics(lab, read_nifti(lits/'volume-0.nii.gz'))))
     vox_ml = abs(np.linalg.det(lab.affine[:3, :3])) / 1000
-    hu = read_nifti(lits/'volume-1.nii.gz').array
-    for name, vals in (('liver', (1, 2)), ('tumor', (2,))):
-        m = np.isin(lab.array, vals)
-        assert stats['classes'][name]['volume_ml'] == pytest.approx(m.sum() * vox_ml, rel=1e-6)
-        if m.any(): assert stats['classes'][name]['mean_hu'] == pytest.approx(hu[m].mean(), abs=1e-3)
-    n = ndi.label(lab.array == 2, np.ones((3, 3, 3)))[1]
-    assert stats['n_lesions'] == len(stats['lesions']) == n
+    assert stats['classes']['tumor']['volume_ml'] == pytest.approx((lab.array == 2).sum() * vox_ml, rel=1e-6)
+    assert stats['n_lesions'] == len(stats['lesions']) == ndi.label(lab.array == 2, np.ones((3, 3, 3)))[1] > 0
 
 
 def test_folder_of_volumes_gets_a_json_each_and_one_csv(model, lits, tmp_path):

@@ -19,6 +19,9 @@ from liver_seg.synth import write_chaos_case, write_lits_case
 DATA = (Path(__file__).parents[1]/'..'/'shared'/'data').resolve()
 TSEG = DATA/'real-ct-io'/'totalsegmentator_example'
 LIVER_RGB = np.array([0.13, 0.80, 0.27]) * 255
+try: import highdicom  # noqa: F401 (the optional dicom-seg extra)
+except ImportError: highdicom = None
+needs_highdicom = pytest.mark.skipif(highdicom is None, reason="highdicom (the dicom-seg extra) is not installed")
 
 
 def grid_affine(spacing=(0.7, 0.9, 3.0), angle=0.3, flip=True, origin=(12., -30., 250.)):
@@ -229,6 +232,7 @@ def chaos(tmp_path_factory):
     return case, vol, lab
 
 
+@needs_highdicom
 def test_seg_round_trip_phantom_series(chaos, tmp_path):
     case, vol, lab = chaos
     p = write_dicom_seg(lab, vol, tmp_path/'seg.dcm')
@@ -236,6 +240,7 @@ def test_seg_round_trip_phantom_series(chaos, tmp_path):
     assert np.array_equal(read_dicom_seg(p, case/'DICOM'), lab)     # the series given as its folder
 
 
+@needs_highdicom
 def test_seg_frames_belong_to_the_right_instances(chaos, tmp_path):
     "Checked with pydicom alone: each frame's referenced instance holds exactly that segment's pixels."
     case, vol, lab = chaos
@@ -265,6 +270,7 @@ def test_seg_frames_belong_to_the_right_instances(chaos, tmp_path):
     assert segs[2].AnatomicRegionSequence[0].CodeValue == '10200004'
 
 
+@needs_highdicom
 def test_seg_empty_labels_and_refusals(chaos, tmp_path):
     case, vol, lab = chaos
     p = write_dicom_seg(np.zeros_like(lab), vol, tmp_path/'empty.dcm')
@@ -306,6 +312,7 @@ def real_series():
     return vol, lab
 
 
+@needs_highdicom
 def test_real_series_seg_round_trip(real_series, tmp_path):
     vol, lab = real_series
     assert vol.shape == (512, 512, 20) and (lab == 1).sum() > 10000 and (lab == 2).sum() > 100
