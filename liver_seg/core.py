@@ -16,9 +16,9 @@ from nibabel.affines import voxel_sizes
 from nibabel.orientations import io_orientation, axcodes2ornt, ornt_transform, apply_orientation, inv_ornt_aff
 
 # %% auto #0
-__all__ = ['CODES', 'CLASS_LABELS', 'CANONICAL', 'ORIENTATION', 'LiverSegError', 'refuse_input', 'check_output', 'atomic_path',
-           'scratch_dir', 'voxel_spacing', 'CTVolume', 'class_mask', 'case_sort_key', 'nifti_stem', 'case_key',
-           'canonical_ornt', 'to_canonical', 'from_canonical', 'to_display', 'from_display']
+__all__ = ['CODES', 'CLASS_LABELS', 'CANONICAL', 'ORIENTATION', 'GRID_ATOL', 'LiverSegError', 'refuse_input', 'check_output',
+           'atomic_path', 'scratch_dir', 'voxel_spacing', 'CTVolume', 'class_mask', 'case_sort_key', 'nifti_stem',
+           'case_key', 'canonical_ornt', 'to_canonical', 'from_canonical', 'to_display', 'from_display', 'same_grid']
 
 # %% ../nbs/00_core.ipynb #4d5845de
 class LiverSegError(Exception):
@@ -211,3 +211,11 @@ def from_display(img:np.ndarray, # a slice in display orientation (or a stack of
                 ) -> np.ndarray: # a view
     "Undo `to_display`: a slice in display orientation back to canonical voxel order"
     return np.rot90(img, -1, axes)
+
+# %% ../nbs/00_core.ipynb #950ae697
+GRID_ATOL = 1e-2 # mm: affines closer than this describe the same voxel grid
+
+def same_grid(a:CTVolume, b:CTVolume) -> bool:
+    "Do `a` and `b` sample the same points in space, whatever voxel order each is stored in?"
+    ca, cb = to_canonical(a), to_canonical(b)
+    return ca.shape == cb.shape and np.allclose(ca.affine, cb.affine, atol=GRID_ATOL, rtol=0)

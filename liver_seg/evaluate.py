@@ -10,7 +10,7 @@ import math, sys
 from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
-from .io import (LiverSegError, find_inputs, to_canonical, class_mask, atomic_path, check_output, read_labels, read_mask,
+from .io import (LiverSegError, find_inputs, same_grid, to_canonical, class_mask, atomic_path, check_output, read_labels, read_mask,
                           nifti_stem, case_key, case_sort_key)
 from .postprocess import mask_bbox
 
@@ -123,7 +123,7 @@ def _nifti_case(pp:Path, gp:Path) -> tuple:
     pv, gv = _read_nifti_labels(pp), _read_nifti_labels(gp)
     pc, gc = to_canonical(pv), to_canonical(gv)
     if pc.shape != gc.shape: raise LiverSegError(pp, f"shape {pv.shape} differs from the ground truth's {gv.shape} ({gp.name})")
-    if not np.allclose(pc.affine, gc.affine, atol=1e-3, rtol=0):
+    if not same_grid(pv, gv):
         raise LiverSegError(pp, f"affine differs from the ground truth's ({gp.name}): not the same voxel grid")
     return pc.array, gc.array, gc.spacing
 

@@ -17,7 +17,7 @@ from matplotlib.lines import Line2D
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from . import __version__
-from .io import (CTVolume, LiverSegError, CLASS_LABELS, atomic_path, to_canonical, from_canonical, to_display,
+from .io import (CTVolume, LiverSegError, CLASS_LABELS, same_grid, atomic_path, to_canonical, from_canonical, to_display,
                           nifti_stem, find_dicom_files, read_dicom_series)
 from .postprocess import mask_bbox
 from .viz import LABEL_COLORS, display_image, montage_slices
@@ -64,12 +64,10 @@ def labels_on_grid(labels, # array in the voxel order of the grid, or a `CTVolum
     "Labels on a volume's voxel grid, refusing other grids and values other than 0, 1, 2"
     if isinstance(labels, CTVolume):
         where = labels.path or where
-        if labels.shape == tuple(shape) and np.allclose(labels.affine, affine, atol=1e-3): lab = labels.array
-        else:
-            lc, vc = to_canonical(labels), to_canonical(CTVolume(np.empty(shape, np.uint8), affine))
-            if lc.shape != vc.shape or not np.allclose(lc.affine, vc.affine, atol=1e-2):
-                raise LiverSegError(where, f"labels of shape {labels.shape} are not on the volume's voxel grid {tuple(shape)}")
-            lab = from_canonical(lc.array, CTVolume(np.empty(shape, np.uint8), affine))
+        grid = CTVolume(np.broadcast_to(np.uint8(0), tuple(shape)), np.asarray(affine)) # the grid alone: no voxels
+        if not same_grid(labels, grid):
+            raise LiverSegError(where, f"labels of shape {labels.shape} are not on the volume's voxel grid {tuple(shape)}")
+        lab = from_canonical(to_canonical(labels).array, grid)
     else: lab = np.asarray(labels)
     if lab.shape != tuple(shape): raise LiverSegError(where, f"labels have shape {lab.shape}, the volume {tuple(shape)}")
     if lab.dtype.kind not in 'iub': raise LiverSegError(where, f"labels are {lab.dtype}, expected integers 0, 1, 2")

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter, MaxNLocator
-from .io import CTVolume, LiverSegError, to_canonical, to_display, class_mask
+from .io import CTVolume, LiverSegError, same_grid, to_canonical, to_display, class_mask
 
 # %% auto #0
 __all__ = ['LABEL_COLORS', 'ERROR_COLORS', 'window_presets', 'display_image', 'label_layer', 'error_layer', 'plot_sample',
@@ -217,10 +217,9 @@ def _canonical(volume, labels):
     can = to_canonical(volume)
     if labels is None: return can.array, None
     if isinstance(labels, CTVolume):
-        lc = to_canonical(labels)
-        if lc.shape != can.shape or not np.allclose(lc.affine, can.affine, atol=1e-2):
+        if not same_grid(labels, volume):
             raise LiverSegError(labels.path or 'labels', f"labels of shape {labels.shape} are not on the voxel grid of {volume.path or 'the volume'}")
-        return can.array, lc.array
+        return can.array, to_canonical(labels).array
     return can.array, to_canonical(CTVolume(np.asarray(labels), volume.affine)).array
 
 def display_stack(volume, # `CTVolume`, X x Y x Z array in canonical order, H x W x N stack, or list of 2D slices
