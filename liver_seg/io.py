@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import LiverSegError, nifti_stem, case_key, case_sort_key
 from .slices import IMAGE_EXTS, parse_slice_name
-from .dicom import find_dicom_files, _is_dicom, CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS
+from .dicom import find_dicom_files, _is_dicom, CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS, IRCADB_SERIES, is_ircadb_case
 
 @dataclass
 class Case:
     "One case an input holds: its id, what it is, where it is, and (for `read`) which reader opens it"
     case: str # the case id
-    kind: str # 'nifti', 'dicom', 'slices', 'lits' (a volume with its segmentation), 'chaos' (DICOM + masks), 'labels', 'masks'
+    kind: str # 'nifti', 'dicom', 'slices', 'lits' (a volume with its segmentation), 'chaos' (DICOM + masks), 'ircadb' (3D-IRCADb case), 'labels', 'masks'
     path: Path # the file or folder (for 'lits' the volume)
     labels: object = None # 'lits': the segmentation file; 'masks': {slice number: mask image}
 
@@ -33,7 +33,8 @@ class Case:
         "The case read by its reader in `READERS`"
         return READERS[self.kind](self.path, **kwargs)
 
-READERS = dict(nifti=read_nifti, dicom=read_dicom_series, lits=read_nifti, chaos=read_chaos_case, labels=read_labels)
+READERS = dict(nifti=read_nifti, dicom=read_dicom_series, lits=read_nifti, chaos=read_chaos_case, ircadb=read_ircadb_case,
+               labels=read_labels)
 
 # %% ../nbs/00d_io.ipynb #f57714ca
 def _holds_dicom(folder:Path) -> bool:
@@ -100,7 +101,7 @@ def _is_chaos_case(p:Path) -> bool:
     return any((p/d).is_dir() for d in CHAOS_DICOM_DIRS) and any((p/m).is_dir() for m in CHAOS_MASK_DIRS)
 
 def _training_cases(src:Path) -> list:
-    "LiTS volumes with their segmentations and CHAOS-style case folders under `src`, sorted by case id"
+    "LiTS volumes with their segmentations, CHAOS-style and 3D-IRCADb case folders under `src`, sorted by case id"
     if src.is_file():
         if not _VOL_RE.match(src.name): raise LiverSegError(src, "expected a LiTS volume-N.nii[.gz] file or a folder")
         # a lone volume: its segmentation is beside it or in a sibling folder (LiTS's segmentations/)
@@ -120,9 +121,11 @@ def _training_cases(src:Path) -> list:
         chaos = [src] if _is_chaos_case(src) else sorted({p.parent for d in CHAOS_DICOM_DIRS for p in src.rglob(d)
                                                           if p.is_dir() and _is_chaos_case(p.parent)})
         cases += [Case(p.name, 'chaos', p) for p in chaos]
+        ircadb = [src] if is_ircadb_case(src) else sorted({p.parent for p in src.rglob(IRCADB_SERIES) if is_ircadb_case(p.parent)})
+        cases += [Case(p.name, 'ircadb', p) for p in ircadb]
     if not cases:
         raise LiverSegError(src, "no volumes found: expected volume-N.nii[.gz] with segmentation-N.nii[.gz], "
-                                 "or CHAOS-style case folders with DICOM/ and masks/")
+                                 "CHAOS-style case folders with DICOM/ and masks/, or 3D-IRCADb case folders")
     seen = {}
     for c in cases:
         if c.case in seen: raise LiverSegError(c.path, f"case id {c.case!r} also used by {seen[c.case]}")

@@ -9,17 +9,18 @@ from __future__ import annotations
 import csv, io, json, os, re, shutil
 from pathlib import Path
 import numpy as np
-from .io import LiverSegError, find_inputs, CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS, CTVolume, ORIENTATION, read_chaos_case, open_nifti, canonical_ornt, to_canonical, refuse_input
+from .io import LiverSegError, find_inputs, CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS, IRCADB_SERIES, IRCADB_MASKS, READERS, CTVolume, ORIENTATION, open_nifti, canonical_ornt, to_canonical, refuse_input
 from nibabel.orientations import apply_orientation
 from .windows import get_windows, display_channels, display_stack
 from .io import IMAGE_EXTS
+from .dicom import _dcm_headers
 
 # %% auto #0
 __all__ = ['JPEG_QUALITY', 'find_cases', 'case_blocks', 'write_slices', 'prepare']
 
 # %% ../nbs/03_prepare.ipynb #68204ae6
-def find_cases(src # a LiTS-style folder, a folder of CHAOS-style case folders, one case folder, or one `volume-N.nii[.gz]`
-              ) -> list: # dicts with `case`, `kind` ('lits'|'chaos') and `volume`, `labels` (LiTS) or `folder` (CHAOS)
+def find_cases(src # a LiTS-style folder, a folder of CHAOS-style or 3D-IRCADb case folders, one case folder, or one `volume-N.nii[.gz]`
+              ) -> list: # dicts with `case`, `kind` ('lits'|'chaos'|'ircadb') and `volume`, `labels` (LiTS) or `folder` (CHAOS, IRCADb)
     "The cases under `src` (`liver_seg.io.find_inputs`), sorted by case id, as the work records `prepare` fills in"
     return [dict(case=c.case, kind=c.kind, **(dict(volume=c.path, labels=c.labels) if c.kind == 'lits' else dict(folder=c.path)))
             for c in find_inputs(src, 'cases')[1]]
@@ -79,8 +80,9 @@ def case_blocks(case:dict,      # a case from `find_cases`
                ):               # yields (slice indices, HU N x H x W or None, uint8 labels N x H x W), display orientation
     "Read a case block by block: slices `ks` in display orientation, HU only for blocks with slices in `todo`"
     ks = list(ks); todo = set(ks) if todo is None else set(todo)
-    if case['kind'] == 'chaos':
-        vol, labels = read_chaos_case(case['folder'])
+    whole = case['kind'] in ('chaos', 'ircadb')  # DICOM cases are read whole
+    if whole:
+        vol, labels = READERS[case['kind']](case['folder'])
         hu, lab = to_canonical(vol).array, to_canonical(CTVolume(labels, vol.affine)).array
         src = lambda k0, k1: (hu[:, :, k0:k1], lab[:, :, k0:k1])
     else:
@@ -91,7 +93,7 @@ def case_blocks(case:dict,      # a case from `find_cases`
         kb = ks[b:b+block]
         k0, k1 = kb[0], kb[-1] + 1
         need = any(k in todo for k in kb)
-        if case['kind'] == 'chaos': h, l = src(k0, k1)
+        if whole: h, l = src(k0, k1)
         else:
             l = _check_labels(_read_range(limg, Path(case['labels']), k0, k1), case['labels'])
             h = _read_range(vimg, Path(case['volume']), k0, k1) if need else None
@@ -149,10 +151,11 @@ def _settings(fmt, windows, every) -> dict:
                 liver_seg=__version__)
 
 def _inputs(cases) -> list:
-    "The files and folders `prepare` reads: LiTS volumes and segmentations, CHAOS DICOM and mask folders"
+    "The files and folders `prepare` reads: LiTS volumes and segmentations, CHAOS and IRCADb DICOM and mask folders"
     found = []
     for c in cases:
         if c['kind'] == 'lits': found += [Path(c['volume']), Path(c['labels'])]
+        elif c['kind'] == 'ircadb': found += [Path(c['folder'])/IRCADB_SERIES, Path(c['folder'])/IRCADB_MASKS, Path(c['folder'])/f'{IRCADB_MASKS}.zip']
         else: found += [Path(c['folder'])/d for d in (*CHAOS_DICOM_DIRS, *CHAOS_MASK_DIRS) if (Path(c['folder'])/d).is_dir()] or [Path(c['folder'])]
     return found
 
@@ -204,8 +207,9 @@ def _start_output(out:Path, settings:dict, force:bool, cases:list) -> set:
     return written
 
 def _n_slices(case) -> int:
-    "Number of slices of a case, without reading its voxels: from the NIfTI header, or a CHAOS case's mask images"
+    "Number of slices of a case, without reading its voxels: from the NIfTI header, the IRCADb series' headers, or a CHAOS case's mask images"
     if case['kind'] == 'lits': return _slice_axis(_open_nifti(Path(case['volume']))[0])[2][2]
+    if case['kind'] == 'ircadb': return len(_dcm_headers(Path(case['folder'])/IRCADB_SERIES)[0])  # headers only, as the reader will count
     # one mask image per DICOM slice (`read_chaos_case` refuses a case where the counts differ)
     mdir = next(Path(case['folder'])/m for m in CHAOS_MASK_DIRS if (Path(case['folder'])/m).is_dir())
     return sum(1 for p in mdir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))

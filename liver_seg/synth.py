@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['phantom_affine', 'make_phantom', 'canonical_phantom', 'write_lits_case', 'write_chaos_case', 'make_phantom_dataset']
+__all__ = ['phantom_affine', 'make_phantom', 'canonical_phantom', 'write_lits_case', 'write_chaos_case', 'write_ircadb_case',
+           'make_phantom_dataset']
 
 # %% ../nbs/02_synth.ipynb #846a5ee7
 def phantom_affine(shape=(128, 128, 48),         # voxels X, Y, Z
@@ -229,15 +230,46 @@ def write_chaos_case(folder,                # case folder to create: `DICOM/` an
         Image.fromarray(lut[labels[:, :, k].T]).save(mask_dir/f"liver_GT_{inst-1:03d}.png")
     return folder
 
+# %% ../nbs/02_synth.ipynb #a496083e
+def write_ircadb_case(folder,         # case folder to create, e.g. `3Dircadb1.1`: `PATIENT_DICOM/` and `MASKS_DICOM.zip`
+                      **phantom_kwargs # `make_phantom` arguments (shape, spacing, seed, n_tumors)
+                     ) -> Path:       # the case folder
+    "Write one phantom as a 3D-IRCADb case: a DICOM CT series and a zip of one DICOM mask series per structure"
+    import io, zipfile
+    from scipy import ndimage
+    from liver_seg.io import voxel_spacing
+    from pydicom.uid import generate_uid
+    folder = Path(folder)
+    hu, labels, affine = make_phantom(**phantom_kwargs)
+    spacing = voxel_spacing(affine)
+    tumours, n = ndimage.label(labels == 2)
+    structures = {'liver': labels > 0, **{f'livertumor{i:02d}': tumours == i for i in range(1, n + 1)}, 'bone': hu > 300}
+    key = repr(sorted(phantom_kwargs.items())) + folder.name
+    def uids(what): return dict(patient=f"PH{zlib.crc32(key.encode()) % 10**6:06d}", study=generate_uid(entropy_srcs=[key, 'study']),
+                                series=generate_uid(entropy_srcs=[key, what]), frame=generate_uid(entropy_srcs=[key, 'frame']))
+    (folder/'PATIENT_DICOM').mkdir(parents=True, exist_ok=True)
+    for k in range(hu.shape[2]):
+        px = (hu[:, :, k].T.astype(np.int32) + 1024).clip(0, 65535)
+        _ct_dataset(px, k + 1, k, affine, uids('series'), spacing, 'synthetic phantom').save_as(folder/'PATIENT_DICOM'/f'image_{k}', enforce_file_format=True)
+    with zipfile.ZipFile(folder/'MASKS_DICOM.zip', 'w', zipfile.ZIP_DEFLATED) as z:
+        for name, m in structures.items():
+            for k in range(hu.shape[2]):
+                ds = _ct_dataset(m[:, :, k].T.astype(np.uint16)*255, k + 1, k, affine, uids(name), spacing, name)
+                ds.RescaleIntercept = '0'
+                buf = io.BytesIO(); ds.save_as(buf, enforce_file_format=True)
+                z.writestr(f'MASKS_DICOM/{name}/image_{k}', buf.getvalue())
+    return folder
+
 # %% ../nbs/02_synth.ipynb #beb63a5b
 def make_phantom_dataset(folder,          # output folder (created)
                          n_cases=4,       # number of phantoms
-                         kind='lits',     # 'lits' (NIfTI pairs) or 'chaos' (DICOM + mask PNG case folders)
+                         kind='lits',     # 'lits' (NIfTI pairs), 'chaos' (DICOM + mask PNG case folders) or 'ircadb' (3D-IRCADb cases)
                          seed=0,          # dataset seed: case i uses `make_phantom(seed=(seed, i))`
                          **phantom_kwargs # other `make_phantom` arguments (shape, spacing, n_tumors)
-                        ) -> list:        # written paths: volume files ('lits') or case folders ('chaos')
-    "Write `n_cases` synthetic CT phantoms as a LiTS-style or CHAOS-style dataset"
+                        ) -> list:        # written paths: volume files ('lits') or case folders ('chaos', 'ircadb')
+    "Write `n_cases` synthetic CT phantoms as a LiTS-style, CHAOS-style or 3D-IRCADb-style dataset"
     folder = Path(folder)
     if kind == 'lits': return [write_lits_case(folder, i, seed=(seed, i), **phantom_kwargs)[0] for i in range(n_cases)]
     if kind == 'chaos': return [write_chaos_case(folder/str(i), seed=(seed, i), **phantom_kwargs) for i in range(n_cases)]
-    raise ValueError(f"kind must be 'lits' or 'chaos', got {kind!r}")
+    if kind == 'ircadb': return [write_ircadb_case(folder/f'3Dircadb1.{i + 1}', seed=(seed, i), **phantom_kwargs) for i in range(n_cases)]
+    raise ValueError(f"kind must be 'lits', 'chaos' or 'ircadb', got {kind!r}")

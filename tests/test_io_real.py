@@ -330,3 +330,39 @@ def test_atomic_path_model_folder(tmp_path):
         t.mkdir(); (t/'config.json').write_text('{"v": 2}')
     assert (dest/'config.json').read_text() == '{"v": 2}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
+
+# ---------------------------------------------------------------- 3D-IRCADb (issue 14)
+
+IRCADB = DATA/'ircadb-hu'
+
+def _zip_series(case, structure):
+    "{position along z: 0/1 mask as (X, Y)} of one mask series read straight from MASKS_DICOM.zip with pydicom"
+    import io, zipfile, pydicom
+    z = zipfile.ZipFile(case/'MASKS_DICOM.zip')
+    out = {}
+    for n in z.namelist():
+        if f'/{structure}/' in n and not n.endswith('/'):
+            ds = pydicom.dcmread(io.BytesIO(z.read(n)))
+            out[round(float(ds.ImagePositionPatient[2]), 2)] = (ds.pixel_array > 0).T
+    return out
+
+def test_real_ircadb_labels():
+    "Patient 1: 2,865,131 liver voxels (its liver mask, tumours inside it), and tumour == the union of the 7 livertumor masks"
+    from liver_seg.dicom import read_ircadb_case
+    case = need(IRCADB/'3Dircadb1.1')
+    vol, labels = read_ircadb_case(case)
+    assert vol.shape == labels.shape == (512, 512, 129) and vol.array.dtype == np.int16
+    assert int((labels > 0).sum()) == 2_865_131
+    zs = [round(float(z), 2) for z in (vol.affine @ np.c_[np.zeros((129, 2)), np.arange(129), np.ones(129)].T)[2]]
+    liver = _zip_series(case, 'liver')
+    union = np.zeros(labels.shape, bool)
+    for t in [f'livertumor{i:02d}' for i in range(1, 8)]:
+        for z, m in _zip_series(case, t).items(): union[:, :, zs.index(z)] |= m
+    assert union.sum() > 0 and np.array_equal(labels == 2, union)
+    assert np.array_equal(labels > 0, np.stack([liver[z] for z in zs], -1) | union)
+
+def test_real_ircadb_patient7_tumor_folder_is_not_liver_tumour():
+    "Patient 7's `tumor/` mask lies outside the liver: it is left out, so the case has liver and no tumour"
+    from liver_seg.dicom import read_ircadb_case
+    _, labels = read_ircadb_case(need(IRCADB/'3Dircadb1.7'))
+    assert np.bincount(labels.ravel(), minlength=3).tolist()[1:] == [1_461_944, 0]
