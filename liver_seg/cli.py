@@ -28,11 +28,11 @@ def _exists(*paths):
     for p in paths:
         if not Path(p).exists(): raise LiverSegError(p, "no such file or folder")
 
-def prepare(src:str,             # LiTS-style folder (volume-N.nii + segmentation-N.nii) or CHAOS-style case folders
+def prepare(src:str,             # LiTS-style folder (volume-N.nii + segmentation-N.nii), CHAOS-style or 3D-IRCADb case folders
             out:str,             # output folder: images/, masks/, manifest.csv
             format:Annotated[str, dict(choices=['jpg', 'png'])]='jpg', # image format of the exported slices
             every:_N=1,          # keep every Nth slice
-            windows:Annotated[str, dict(metavar='NAMES')]='liver,custom', # comma-separated window names from `dicom_windows`
+            windows:Annotated[str, dict(metavar='NAMES')]='liver,custom', # two window names from `dicom_windows` (RGB with freqhist), or one, e.g. lits (8-bit gray)
             workers:_N=1,        # worker processes
             force:bool=False,    # rewrite an existing, complete OUT
             Quiet:bool=False):   # no progress bar: only the last line
@@ -49,7 +49,7 @@ def prepare(src:str,             # LiTS-style folder (volume-N.nii + segmentatio
     return manifest
 
 # %% ../nbs/13_cli.ipynb #0e2c5ad6
-def train(data:str,                # slice folder (from `prepare`, or images/ + masks/)
+def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders (from `prepare`, or images/ + masks/), trained on together
           out:Annotated[str, dict(metavar='MODEL_DIR', required=True)]=None, # model folder to write
           arch:Annotated[str, dict(metavar='NAME')]=None, # encoder: resnet34 (default), resnet18/50, ... or simple_cnn
           size:Annotated[int, dict(metavar='PX')]=None, # training image size in pixels (default: the recipe's)
@@ -67,17 +67,17 @@ def train(data:str,                # slice folder (from `prepare`, or images/ + 
           resume:bool=False,       # continue the interrupted run of OUT (same options) from its last finished epoch
           force:bool=False,        # replace an existing model folder
           Quiet:bool=False):       # no progress bars or epoch table: only the last line
-    "Train a U-Net on a slice folder and write a model folder"
-    _exists(data, *([config] if config else []))
+    "Train a U-Net on one or several slice folders and write a model folder"
+    _exists(*data, *([config] if config else []))
     from liver_seg.train import train as _train, load_train_config
-    if out is None: raise LiverSegError(data, "no model folder given; use --out MODEL_DIR")
+    if out is None: raise LiverSegError(data[0], "no model folder given; use --out MODEL_DIR")
     kw = load_train_config(config) if config else {}
     given = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, valid_cases=_csv(valid_cases),
                  pretrained=pretrained, weights=weights, precision=precision, seed=seed, context=context,
                  resume=resume, force=force)
     kw.update({k:v for k,v in given.items() if v is not None})
     if config and pretrained: kw['pretrained'] = load_train_config(config).get('pretrained', True) # only --no-pretrained overrides the file
-    folder = _train(data, out=out, progress=not Quiet, **kw)
+    folder = _train(data[0] if len(data) == 1 else data, out=out, progress=not Quiet, **kw)
     if os.environ.get('RANK', '0') == '0': print(f"model folder: {folder}") # once under torchrun
     return folder
 

@@ -14,8 +14,9 @@ from .windows import DEFAULT_WINDOWS
 from .io import LiverSegError, ORIENTATION, find_slice_pairs, read_image, read_mask, decode_mask, case_sort_key
 
 # %% auto #0
-__all__ = ['toy_slice_folder', 'mask_encoding', 'check_export', 'slice_items', 'SliceImage', 'SliceMask', 'CaseSplitter',
-           'data_stats', 'slice_stats', 'case_summary', 'input_spec', 'train_crop', 'seg_dataloaders']
+__all__ = ['toy_slice_folder', 'mask_encoding', 'check_export', 'slice_items', 'data_folders', 'data_items', 'SliceImage',
+           'SliceMask', 'CaseSplitter', 'data_stats', 'slice_stats', 'case_summary', 'input_spec', 'train_crop',
+           'seg_dataloaders']
 
 # %% ../nbs/04_data.ipynb #c0eb6647
 def toy_slice_folder(folder, # where to write images/ and masks/ (created)
@@ -96,6 +97,25 @@ def slice_items(path, # a slice folder
     df.attrs['path'] = str(Path(path).resolve())
     return df
 
+def data_folders(path) -> list: # one slice folder, or a list of them
+    "The slice folders of `path` as a list of `Path`s"
+    return [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+
+def data_items(path, # one slice folder, or a list of slice folders trained on together
+               masks:bool=True):
+    "`slice_items` of one or several folders in one DataFrame, each row with its folder's mask `encoding`; case ids must be unique"
+    folders = data_folders(path)
+    parts, seen = [], {}
+    for p in folders:
+        df = slice_items(p, masks)
+        for c in df['case'].astype(str).unique():
+            if c in seen: raise LiverSegError(p, f"case {c!r} is also in {seen[c]}: case ids must be unique across the slice folders")
+            seen[c] = p
+        parts.append(df.assign(encoding=df.attrs['mask_encoding']))
+    items = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    items.attrs.update(mask_encoding=parts[0].attrs['mask_encoding'], path=str(folders[0].resolve()) if len(folders) == 1 else [str(p.resolve()) for p in folders])
+    return items
+
 # %% ../nbs/04_data.ipynb #b47bebfb
 def _gray(a, path):
     if a.ndim == 2: return a
@@ -119,11 +139,12 @@ class SliceImage:
     def __repr__(self): return f'SliceImage(context={self.context})'
 
 class SliceMask:
-    "get_y: a slice row -> `PILMask` of 0 background, 1 liver, 2 tumour (decoded with the folder's `encoding`)"
+    "get_y: a slice row -> `PILMask` of 0 background, 1 liver, 2 tumour (decoded with the row's folder's `encoding`)"
     def __init__(self, encoding:str|None=None): self.encoding = encoding
     def __call__(self, item):
         from fastai.vision.core import PILMask
-        return PILMask.create(read_mask(item['mask'] if not isinstance(item, (str, Path)) else item, self.encoding))
+        if isinstance(item, (str, Path)): return PILMask.create(read_mask(item, self.encoding))
+        return PILMask.create(read_mask(item['mask'], item.get('encoding', self.encoding) or self.encoding))
     def __repr__(self): return f'SliceMask(encoding={self.encoding!r})'
 
 # %% ../nbs/04_data.ipynb #dfcd5f07
@@ -174,7 +195,7 @@ def slice_stats(items, # slice rows from `slice_items`
     enc = items.attrs.get('mask_encoding')
     rows = []
     for _, r in items.iloc[::every].iterrows():
-        m = read_mask(r['mask'], enc)
+        m = read_mask(r['mask'], r.get('encoding', enc) or enc)
         counts = np.bincount(m.ravel(), minlength=3)/m.size
         rows.append({'case': r['case'], 'slice': r['slice'], 'liver_frac': counts[1], 'tumor_frac': counts[2]})
     df = pd.DataFrame(rows)
@@ -191,23 +212,36 @@ def case_summary(stats): # output of `slice_stats`
     return out
 
 # %% ../nbs/04_data.ipynb #6bda844d
-def input_spec(path, context:int=0):
-    "The `input` section of `config.json` for slice folder `path`: 'hu_windows' for `prepare` output, else 'image'"
+def _folder_spec(path:Path, context:int=0) -> dict:
+    "The `input` section for one slice folder: 'hu_windows' for `prepare`'s window channels, else 'image' (with its HU window if stated)"
     import json
-    path = Path(path)
     spec = {'kind': 'image', 'windows': [list(w) for w in DEFAULT_WINDOWS], 'freqhist': True, 'context': context}
     settings = path/'prepare.json'
-    if settings.exists() or (path/'manifest.csv').exists():
-        spec['kind'] = 'hu_windows'
-        try: s = json.loads(settings.read_text()) if settings.exists() else {}
-        except ValueError: raise LiverSegError(settings, "not valid JSON") from None
-        if settings.exists() and s.get('orientation') != ORIENTATION:
-            raise LiverSegError(settings, f"slices exported in orientation {s.get('orientation', 'of the file voxel order')!r}, "
-                                f"not the canonical {ORIENTATION!r} of this liver_seg: run `liver-seg prepare` again")
-        if s.get('windows'): spec['windows'] = [list(w) for w in s['windows']]
-        if 'freqhist' in s: spec['freqhist'] = bool(s['freqhist'])
-        if context: raise LiverSegError(path, "2.5D input (context=1) needs gray slice images; prepared slices already hold 3 windowed channels")
-    return spec
+    if not (settings.exists() or (path/'manifest.csv').exists()): return spec
+    try: s = json.loads(settings.read_text()) if settings.exists() else {}
+    except ValueError: raise LiverSegError(settings, "not valid JSON") from None
+    if settings.exists() and s.get('orientation') != ORIENTATION:
+        raise LiverSegError(settings, f"slices exported in orientation {s.get('orientation', 'of the file voxel order')!r}, "
+                            f"not the canonical {ORIENTATION!r} of this liver_seg: run `liver-seg prepare` again")
+    wins = [list(w) for w in s.get('windows') or spec['windows']]
+    if len(wins) == 1 and not s.get('freqhist', True):  # one window, no freqhist: 8-bit gray slices of a known HU window
+        return {**spec, 'hu_window': wins[0]}
+    if context: raise LiverSegError(path, "2.5D input (context=1) needs gray slice images; prepared slices already hold 3 windowed channels")
+    return {**spec, 'kind': 'hu_windows', 'windows': wins, 'freqhist': bool(s.get('freqhist', True))}
+
+def input_spec(path, # a slice folder, or a list of slice folders trained on together
+               context:int=0):
+    "The `input` section of `config.json`: 'hu_windows' for `prepare`'s window channels, else 'image' (gray, with the HU window they stand for where known)"
+    folders = data_folders(path)
+    specs = [_folder_spec(p, context) for p in folders]
+    for p, s in zip(folders[1:], specs[1:]):
+        if s['kind'] != specs[0]['kind'] or (s['kind'] == 'hu_windows' and s['windows'] != specs[0]['windows']):
+            what = lambda s: (f"window channels {s['windows']}" if s['kind'] == 'hu_windows' else "8-bit gray slices")
+            raise LiverSegError(p, f"holds {what(s)}, {folders[0]} holds {what(specs[0])}: one model needs one input; "
+                                "export HU cases with `liver-seg prepare --windows lits` to train them with 8-bit gray slices")
+    stated = {tuple(s['hu_window']) for s in specs if 'hu_window' in s}
+    if len(stated) > 1: raise LiverSegError(folders[-1], f"slice folders stand for different HU windows {sorted(stated)}: export them with one window")
+    return {**specs[0], **({'hu_window': list(stated.pop())} if stated else {})}
 
 def train_crop(size:int): # patch side in pixels
     "fastai's `RandomCrop` on the training split only (validation keeps whole slices)"
@@ -216,7 +250,7 @@ def train_crop(size:int): # patch side in pixels
     tfm.split_idx = 0 # fastcore skips a transform whose split_idx is not the dataset's: 0 is training
     return tfm
 
-def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.png)
+def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.png), or a list of them
                     size:int=128, # slices are squished to size x size
                     crop:int|None=None, # train on random crop x crop patches of those (validation: whole slices)
                     bs:int=16, # batch size
@@ -231,11 +265,11 @@ def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.pn
                     every:int=1, # use every n-th slice of each case (quick experiments)
                     num_workers:int=0, # DataLoader worker processes
                     device=None): # torch device of the batches (default: CPU)
-    "fastai `DataLoaders` of (image, 0/1/2 mask) for a slice folder, validated by case"
+    "fastai `DataLoaders` of (image, 0/1/2 mask) for one or several slice folders, validated by case"
     import torch
     from fastai.vision.all import (DataBlock, ImageBlock, MaskBlock, Resize, ResizeMethod, Normalize,
                                    aug_transforms, imagenet_stats)
-    items = slice_items(path)
+    items = data_items(path)
     if every > 1:
         attrs = dict(items.attrs)
         items = items[items.groupby('case', sort=False).cumcount().to_numpy() % every == 0].reset_index(drop=True)

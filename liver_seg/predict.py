@@ -12,7 +12,7 @@ import nibabel as nib
 import torch
 from .io import (find_inputs, READERS, LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, nifti_stem)
-from .windows import volume_channels, DEFAULT_WINDOWS
+from .windows import volume_channels, gray_window, display_stack, DEFAULT_WINDOWS
 from .slices import MASK_VALUES
 from .predictor import Predictor, get_predictor, _progress
 
@@ -28,15 +28,17 @@ def _check_orientation(pred:Predictor):
                             f"{ORIENTATION!r} (volumes in canonical voxel order): its labels would depend on how each file "
                             "stores its voxels; retrain it with `liver-seg train`")
 
-def _check_input(kind, arr, path):
+def _check_input(pred:Predictor, arr, path):
     "Refuse a volume that does not match what the model was trained on"
-    if kind == 'image' and arr.dtype != np.uint8:
-        raise LiverSegError(path, f"this model was trained on 8-bit slice images (input kind 'image'); a {arr.dtype} HU volume "
-                            "has no such windowing: use a model trained with `liver-seg prepare` slices (kind 'hu_windows')")
+    kind = pred.kind
+    if kind not in ('image', 'hu_windows'): raise LiverSegError(path, f"unknown input kind {kind!r} in the model's config.json")
+    if kind == 'image' and arr.dtype != np.uint8 and pred.config.get('input', {}).get('hu_window') is None:
+        raise LiverSegError(path, f"this model was trained on 8-bit slice images with no HU window recorded; a {arr.dtype} HU volume "
+                            "has no such windowing: train with HU cases exported by `liver-seg prepare --windows lits` beside "
+                            "the slices (the window goes into config.json), or use a model of `prepare`'s window channels")
     if kind == 'hu_windows' and arr.dtype == np.uint8:
         raise LiverSegError(path, "this model needs CT in Hounsfield units (input kind 'hu_windows'); this volume holds 8-bit "
                             "values (uint8), not HU: give the CT as it came from the scanner (DICOM, or a NIfTI of its HU)")
-    if kind not in ('image', 'hu_windows'): raise LiverSegError(path, f"unknown input kind {kind!r} in the model's config.json")
 
 def _gray_channels(g, ks, context, n_in):
     "uint8 N x H x W x n_in channels of 8-bit slices `ks` of display-orientation stack `g` (N x H x W)"
@@ -53,7 +55,8 @@ def _volume_batch(pred:Predictor, arr, ks):
         if inp.get('context', 0): raise LiverSegError('config.json', "context > 0 is only supported for 'image' models")
         return volume_channels(arr, ks=ks, windows=inp.get('windows', DEFAULT_WINDOWS), freqhist=inp.get('freqhist', True))
     lo, hi = max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, arr.shape[2])
-    g = np.ascontiguousarray(to_display(arr[:, :, lo:hi]).transpose(2, 0, 1))  # N x H x W, display orientation
+    if arr.dtype == np.uint8: g = np.ascontiguousarray(to_display(arr[:, :, lo:hi]).transpose(2, 0, 1))  # N x H x W, display orientation
+    else: g = gray_window(display_stack(arr, range(lo, hi)), inp['hu_window'])  # HU -> the gray levels of the slices
     return _gray_channels(g, np.asarray(ks) - lo, inp.get('context', 0), pred.config.get('n_in', 3))
 
 # %% ../nbs/09a_predict.ipynb #bdb90911
@@ -66,7 +69,7 @@ def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, pr
     arr = can.array
     if arr.ndim != 3: raise LiverSegError(can.path or 'volume', f"expected a 3D volume, got shape {arr.shape}")
     _check_orientation(pred)
-    _check_input(pred.kind, arr, can.path or 'volume')
+    _check_input(pred, arr, can.path or 'volume')
     out = np.empty(arr.shape, np.uint8)
     starts = range(0, arr.shape[2], batch_size)
     for k0 in _progress(starts, progress and len(starts) > 1):

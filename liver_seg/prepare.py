@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from .io import LiverSegError, find_inputs, CHAOS_DICOM_DIRS, CHAOS_MASK_DIRS, IRCADB_SERIES, IRCADB_MASKS, READERS, CTVolume, ORIENTATION, open_nifti, canonical_ornt, to_canonical, refuse_input
 from nibabel.orientations import apply_orientation
-from .windows import get_windows, display_channels, display_stack
+from .windows import get_windows, display_channels, display_stack, gray_window
 from .io import IMAGE_EXTS
 from .dicom import _dcm_headers
 
@@ -130,11 +130,12 @@ def write_slices(hu,             # HU of the slices in display orientation, N x 
                  stems,          # N output names, `{case}_{slice:04d}`
                  out,            # the output folder (with `images/` and `masks/`)
                  fmt='jpg',      # image format: 'jpg' or 'png'
-                 windows=('liver', 'custom'), # the two windows before the freqhist channel
+                 windows=('liver', 'custom'), # two windows (then freqhist: RGB), or one window (8-bit gray)
                 ) -> int:        # slices written
     "Write the channel images and label masks of a block of slices"
     out = Path(out)
-    imgs = display_channels(hu, windows=windows, rgbx=True)
+    gray = len(windows) == 1
+    imgs = gray_window(hu, windows[0]) if gray else display_channels(hu, windows=windows, rgbx=True)
     for n, stem in enumerate(stems):
         _save(imgs[n], out/'images'/f"{stem}.{fmt}", fmt)
         _save(labels[n], out/'masks'/f"{stem}.png", 'png')
@@ -146,7 +147,7 @@ _BLOCK = 16
 
 def _settings(fmt, windows, every) -> dict:
     from liver_seg import __version__
-    return dict(format=fmt, windows=[list(w) for w in windows], freqhist=True, every=every,
+    return dict(format=fmt, windows=[list(w) for w in windows], freqhist=len(windows) == 2, every=every,
                 jpeg_quality=JPEG_QUALITY if fmt == 'jpg' else None, orientation=ORIENTATION,
                 liver_seg=__version__)
 
@@ -252,19 +253,19 @@ def prepare(src,                        # LiTS-style folder, folder of CHAOS-sty
             out,                        # output folder: images/, masks/, prepare.json, manifest.csv
             fmt='jpg',                  # image format: 'jpg' (the seed's, quality 100) or 'png' (exact)
             every=1,                    # export every Nth slice (slices 0, N, 2N, ...)
-            windows=('liver', 'custom'),# two windows (names in `dicom_windows` or (width, level)); freqhist is the 3rd channel
+            windows=('liver', 'custom'),# two windows (names in `dicom_windows` or (width, level)) and freqhist: RGB; one window: 8-bit gray
             workers=1,                  # worker processes (<= 0: one per CPU)
             force=False,                # rewrite a finished export
             progress=True,              # a progress bar on stderr, then a line with the counts
            ) -> Path:                   # the manifest, `out/manifest.csv`
-    "Export every `every`-th slice of each case in `src` as a 3-channel image and a 0/1/2 mask, with a manifest"
+    "Export every `every`-th slice of each case in `src` as a 3-channel (or gray) image and a 0/1/2 mask, with a manifest"
     src, out = Path(src), Path(out)
     fmt = str(fmt).lower().lstrip('.').replace('jpeg', 'jpg')
     if fmt not in ('jpg', 'png'): raise LiverSegError(out, f"unknown image format {fmt!r}, expected jpg or png")
     if int(every) < 1: raise LiverSegError(src, f"every must be >= 1, got {every}")
     try: wins = get_windows(windows)
     except ValueError as e: raise LiverSegError('--windows', str(e)) from None
-    if len(wins) != 2: raise LiverSegError('--windows', f"need 2 windows (the 3rd channel is freqhist), got {len(wins)}")
+    if len(wins) not in (1, 2): raise LiverSegError('--windows', f"need 2 windows (the 3rd channel is freqhist) or 1 (gray slices), got {len(wins)}")
     every, workers = int(every), (os.cpu_count() or 1) if int(workers) <= 0 else int(workers)
     cases = find_cases(src)
     _check_cases(cases)

@@ -16,7 +16,7 @@ from fastai.callback.progress import ProgressCallback
 from contextlib import contextmanager
 from .io import LiverSegError, atomic_path, refuse_input
 from .core import _WRITE_ERRNOS
-from .data import seg_dataloaders
+from .data import seg_dataloaders, data_folders
 from .metrics import get_loss, seg_metrics, LOSSES
 from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
 from .distributed import distributed_env, process_group, SyncValidation, _without_sync_bn
@@ -39,7 +39,7 @@ def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
     if pretrained and cfg['arch'] != 'simple_cnn': learn.freeze()
     return learn
 
-def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice dataset), or X.png + X_mask.png
+def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice dataset), or X.png + X_mask.png; or a list of them
           out, # model folder to write
           arch:str='resnet34', # 'resnet34' (U-Net), another torchvision encoder name, or 'simple_cnn'
           size:int=128, # slices are squished to size x size
@@ -69,7 +69,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           resume:bool=False, # continue the interrupted run of `out` (same options) from its last finished epoch
           cbs:list|None=None, # extra fastai callbacks for this run
           progress:bool=True): # show fastai's progress bars and epoch table (False: quiet, history.csv only)
-    "Train a liver/tumour segmentation model on slice folder `data` and write the model folder `out`; return its path"
+    "Train a liver/tumour segmentation model on slice folder(s) `data` and write the model folder `out`; return its path"
     o = SimpleNamespace(**locals()) # the options travel together through the steps below
     o.out, o.lr = Path(out), 2e-3 if lr is None else lr
     _check_options(o)
@@ -82,7 +82,7 @@ def _check_options(o):
     if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
     if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
     if o.fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {o.fit!r}: use one_cycle or fine_tune")
-    o.inputs = [Path(o.data)] + ([Path(o.weights)] if o.weights is not None else [])
+    o.inputs = data_folders(o.data) + ([Path(o.weights)] if o.weights is not None else [])
     refuse_input(o.out, o.inputs) # --force never replaces the slices (or weights) it trains on
     if o.out.exists() and not o.force: raise LiverSegError(o.out, "exists; use --force to overwrite")
     if o.resume and o.fit != 'one_cycle': raise LiverSegError('--resume', "continues one-cycle runs only (fit='one_cycle')")
@@ -107,7 +107,7 @@ def _data_and_config(o):
     recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
-                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=str(Path(o.data).resolve()), monitor='dice_mean',
+                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor='dice_mean',
                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
     if o.world > 1: recipe['processes'] = o.world # bs is per process
     cfg = default_config(arch=o.arch, size=o.size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
@@ -298,12 +298,12 @@ def load_train_config(path): # a .yaml/.yml or .json file of train options
     return out
 
 # %% ../nbs/07_train.ipynb #68d7c91b
-def auto_context(data): # a slice folder
+def auto_context(data): # a slice folder, or a list of them
     "1 (2.5D) for a folder of gray 8-bit slices, 0 for `prepare`'s windowed slices or colour images"
     from liver_seg.data import input_spec
     from liver_seg.io import find_slice_pairs, read_image
     if input_spec(data)['kind'] != 'image': return 0
-    try: df = find_slice_pairs(data)
+    try: df = find_slice_pairs(data_folders(data)[0])
     except LiverSegError: return 0 # let the data loading report what is wrong
     if not len(df): return 0
     return int(read_image(df['image'].iloc[0]).ndim == 2)

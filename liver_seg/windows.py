@@ -11,13 +11,13 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['dicom_windows', 'DEFAULT_WINDOWS', 'get_windows', 'slice_channels', 'display_channels', 'display_stack',
-           'volume_channels']
+           'volume_channels', 'gray_window']
 
 # %% ../nbs/01_windows.ipynb #b15320b1
 _FASTAI_WINDOWS = dict(brain=(80, 40), subdural=(254, 100), stroke=(8, 32), brain_bone=(2800, 600),
                        brain_soft=(375, 40), lungs=(1500, -600), mediastinum=(350, 50), abdomen_soft=(400, 50),
                        liver=(150, 30), spine_soft=(250, 50), spine_bone=(1800, 400))
-dicom_windows = types.SimpleNamespace(**_FASTAI_WINDOWS, custom=(200, 60))
+dicom_windows = types.SimpleNamespace(**_FASTAI_WINDOWS, custom=(200, 60), lits=(400, 50)) # lits: what 8-bit LiTS slices stand for (01a_calibration)
 DEFAULT_WINDOWS = (dicom_windows.liver, dicom_windows.custom)
 
 def get_windows(windows=DEFAULT_WINDOWS # names in `dicom_windows` and/or `(width, level)` pairs
@@ -152,3 +152,13 @@ def volume_channels(arr,                      # HU volume or slab in canonical v
                    ) -> np.ndarray:           # uint8 N x H x W x C, each slice in display orientation
     "The `slice_channels` of `to_display(arr[:, :, k])` for every k in `ks`, vectorised with numpy"
     return display_channels(display_stack(arr, ks), windows, freqhist)
+
+# %% ../nbs/01_windows.ipynb #afec42de
+def gray_window(hu,                        # HU array of any shape (int or float)
+                window=dicom_windows.lits  # `(width, level)` or a window name
+               ) -> np.ndarray:           # uint8 gray levels, same shape
+    "8-bit gray of HU through one window: clipped to `[l - w//2, l + w//2]`, scaled to 0-255, rounded half up"
+    (w, l), = get_windows([window])
+    lo = l - w//2
+    g = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) * np.float32(255 / (2*(w//2)))
+    return np.clip(np.floor(g + np.float32(0.5)), 0, 255).astype(np.uint8)

@@ -231,3 +231,29 @@ def test_evaluate_hd95_conventions(tmp_path):
         assert math.isclose(df.liver_hd95_mm[0], want[conv], rel_tol=1e-6, abs_tol=1e-9)   # NIfTI stores the spacing as float32
     r = run('evaluate', tmp_path/'pred.nii.gz', tmp_path/'gt.nii.gz', '--hd95', 'max', ok=False)
     assert r.returncode == 2 and 'pooled' in r.stderr and 'monai' in r.stderr
+
+
+def test_one_model_for_gray_slices_and_hu(flow, tmp_path):
+    "HU cases exported through the LiTS window train with a folder of 8-bit slices; the model records the window and segments HU"
+    import json
+    from PIL import Image
+    from liver_seg.io import to_display
+    from liver_seg.windows import gray_window
+    run('prepare', flow/'lits', tmp_path/'gray', '--format', 'png', '--windows', 'lits', '-q')
+    eight = tmp_path/'eight'; (eight/'images').mkdir(parents=True); (eight/'masks').mkdir()
+    vol, seg = write_lits_case(tmp_path/'src8', case_id=5, seed=21, **PH)    # an 8-bit dataset: other patients, 0/127/255 masks
+    hu, lab = read_nifti(vol).array, read_labels(seg).array
+    for k in range(hu.shape[2]):
+        Image.fromarray(gray_window(to_display(hu[:, :, k]))).save(eight/'images'/f'p5_{k}.png')
+        Image.fromarray(np.array([0, 127, 255], np.uint8)[to_display(lab[:, :, k])]).save(eight/'masks'/f'p5_{k}.png')
+    r = run('train', tmp_path/'gray', eight, '--out', tmp_path/'model', '--arch', 'resnet18', '--size', 64, '--epochs', 1,
+            '--bs', 8, '--no-pretrained', '--valid-cases', 'p5', '-q')
+    cfg = json.loads((tmp_path/'model'/'config.json').read_text())
+    assert cfg['input']['kind'] == 'image' and cfg['input']['hu_window'] == [400, 50]
+    assert cfg['split'] == {'train_cases': ['volume-0', 'volume-1', 'volume-2'], 'valid_cases': ['p5']}
+    assert len(cfg['recipe']['data']) == 2 and cfg['recipe']['n_train'] == 36 and cfg['recipe']['n_valid'] == 12
+    out = tmp_path/'hu.nii.gz'
+    run('predict', tmp_path/'model', vol, out, '-q')                             # a HU volume: through the recorded window
+    assert read_labels(out).shape == hu.shape
+    r = run('train', flow/'slices', eight, '--out', tmp_path/'mixed', '--no-pretrained', '-q', ok=False)
+    assert r.returncode == 2 and str(eight) in r.stderr and '--windows lits' in r.stderr and not (tmp_path/'mixed').exists()

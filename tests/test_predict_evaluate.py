@@ -79,6 +79,22 @@ def test_image_model_refuses_hu(lits, tmp_path):
     assert not (tmp_path / 'x.nii.gz').exists()
 
 
+def test_image_model_with_hu_window_predicts_hu(lits, tmp_path):
+    "An 8-bit model that records its HU window segments a HU volume as it segments that volume put through the window"
+    from liver_seg.io import read_nifti
+    model, cfg = bright('image')
+    cfg['input']['hu_window'] = [150, 30]
+    vol = read_nifti(lits[0])
+    lo, hi = 30 - 75, 30 + 75
+    g8 = np.floor((np.clip(vol.array.astype(np.float64), lo, hi) - lo) / (hi - lo) * 255 + 0.5).astype(np.uint8)  # rounded half up
+    from_hu = predict_volume((model, cfg), vol, postprocess=False, progress=False)
+    from_gray = predict_volume((model, cfg), g8, affine=vol.affine, postprocess=False, progress=False)
+    np.testing.assert_array_equal(from_hu, from_gray)
+    assert 0.05 < (from_hu == 1).mean() < 0.6  # a real segmentation, not all or nothing
+    cfg['input']['hu_window'] = [150, 400]     # another window: other gray levels, other labels
+    assert (predict_volume((model, cfg), vol, postprocess=False, progress=False) != from_hu).mean() > 0.01
+
+
 def test_slice_folder(tmp_path):
     hu, _, _ = make_phantom(SHAPE, seed=2)
     g8 = np.clip((hu.astype(np.float32) + 45) * (255 / 150), 0, 255).astype(np.uint8)
