@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/predictor.html.md"""
 
 # %% ../nbs/09_predictor.ipynb #b9c71ac7
 from __future__ import annotations
-import contextlib, sys
+import sys
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .io import LiverSegError
 from .model import cpu_has_bf16
+from .engine import load_engine
 
 # %% auto #0
 __all__ = ['resolve_device', 'Predictor', 'get_predictor']
@@ -31,7 +32,11 @@ def resolve_device(device='auto') -> torch.device:
 # %% ../nbs/09_predictor.ipynb #d7d8e591
 class Predictor:
     "A segmentation network with its `config.json` dict, ready for batched inference"
-    def __init__(self, model:torch.nn.Module, config:dict, device='auto'):
+    def __init__(self, model:torch.nn.Module, # the network
+                 config:dict, # its `config.json` dict
+                 device='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
+                 engine:str='auto', # 'auto', 'torch', 'openvino' or 'onnxruntime' (`liver_seg.engine`)
+                 folder=None): # the model folder, where an engine caches its exported graph
         self.config, self.device = config, resolve_device(device)
         self.source = 'config.json'  # where the config came from, for error messages
         self.size = int(config['size'])
@@ -46,13 +51,14 @@ class Predictor:
         # (x / 255 - mean) / std == x * scale + shift
         self.scale = (1 / (255 * std)).view(1, -1, 1, 1).to(self.device)
         self.shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
+        self.engine = load_engine(self.model, config, engine, self.device, self.amp, self.channels_last, folder)
 
     @classmethod
-    def from_folder(cls, folder, device='auto', allow_pickle:bool=False):
+    def from_folder(cls, folder, device='auto', allow_pickle:bool=False, engine:str='auto'):
         "Load a model folder (safe weights + config.json) with `liver_seg.model.load_model_folder`"
         from liver_seg.model import load_model_folder
         model, cfg = load_model_folder(folder, allow_pickle=allow_pickle)
-        pred = cls(model, cfg, device)
+        pred = cls(model, cfg, device, engine, folder)
         pred.source = Path(folder)/'config.json'
         return pred
 
@@ -60,8 +66,7 @@ class Predictor:
     def kind(self) -> str: return self.config.get('input', {}).get('kind', 'hu_windows')
 
     def __repr__(self):
-        amp = {None: 'fp32', torch.bfloat16: 'bf16 autocast', torch.float16: 'fp16 autocast'}[self.amp]
-        return f"Predictor({self.config.get('arch')}, size={self.size}, input={self.kind}, {self.device.type}, {amp})"
+        return f"Predictor({self.config.get('arch')}, size={self.size}, input={self.kind}, {self.device.type}, {self.engine!r})"
 
 # %% ../nbs/09_predictor.ipynb #5b767486
 def _progress(items, show:bool):
@@ -71,11 +76,14 @@ def _progress(items, show:bool):
     from fastprogress.fastprogress import progress_bar
     return progress_bar(items, leave=False)
 
-def get_predictor(model, device='auto', allow_pickle:bool=False) -> Predictor:
+def get_predictor(model, # a model folder path, a `(model, config)` pair, or a `Predictor` (returned as it is)
+                  device='auto', allow_pickle:bool=False,
+                  engine:str='auto' # 'auto', 'torch', 'openvino' or 'onnxruntime'
+                 ) -> Predictor:
     "A `Predictor` from a model folder path, a `(model, config)` pair, or a `Predictor`"
     if isinstance(model, Predictor): return model
-    if isinstance(model, (tuple, list)) and len(model) == 2: return Predictor(model[0], model[1], device)
-    if isinstance(model, (str, Path)): return Predictor.from_folder(model, device, allow_pickle)
+    if isinstance(model, (tuple, list)) and len(model) == 2: return Predictor(model[0], model[1], device, engine)
+    if isinstance(model, (str, Path)): return Predictor.from_folder(model, device, allow_pickle, engine)
     raise TypeError(f"expected a model folder, a (model, config) pair or a Predictor, got {type(model).__name__}")
 
 # %% ../nbs/09_predictor.ipynb #677da6c2
@@ -94,11 +102,9 @@ def scores(self:Predictor,
     "The network's output at the model's size for a batch of slices"
     x = torch.from_numpy(np.ascontiguousarray(imgs)).to(self.device).permute(0, 3, 1, 2)  # channels_last view
     x = _to_model_size(x, self.size) * self.scale + self.shift
-    x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-    amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
-    with torch.inference_mode(), amp:
-        out = self.model(x).float()
-        if tta: out = (out.softmax(1) + self.model(x.flip(-1)).float().flip(-1).softmax(1)) / 2
+    with torch.inference_mode():
+        out = self.engine(x)  # float32 logits, whatever runs the network
+        if tta: out = (out.softmax(1) + self.engine(x.flip(-1)).flip(-1).softmax(1)) / 2
     return out
 
 @patch

@@ -1,0 +1,245 @@
+"CPU inference engines (liver_seg.engine): labels as torch's, the graph cache reused and repaired, torch when an engine cannot run"
+import os, sys, warnings
+import numpy as np
+import pytest
+import torch
+
+from liver_seg import engine as E
+from liver_seg.core import class_mask
+from liver_seg.evaluate import overlap_metrics
+from liver_seg.io import to_display
+from liver_seg.model import build_model, default_config, save_model_folder
+from liver_seg.predictor import Predictor, get_predictor
+from liver_seg.synth import make_phantom
+from liver_seg.windows import volume_channels
+
+HU_INPUT = {'kind': 'hu_windows', 'windows': [[150, 30], [200, 60]], 'freqhist': True, 'context': 0}
+# An engine's labels may differ from torch's in this fraction of pixels at most, and its per-class Dice by less than DICE_TOL
+# (the notebook 09b_engine states what was measured: identical labels in fp32 on the phantom)
+PIXEL_TOL, DICE_TOL = 1e-4, 1e-3
+
+
+def installed(name):
+    try: __import__(name); return True
+    except ImportError: return False
+
+ENGINES = [pytest.param(e, marks=pytest.mark.skipif(not installed(e), reason=f"{e} is not installed (the cpu-engine extra)"))
+           for e in ('openvino', 'onnxruntime')]
+needs_any = pytest.mark.skipif(not (installed('openvino') or installed('onnxruntime')), reason="neither openvino nor onnxruntime is installed")
+first_engine = 'openvino' if installed('openvino') else 'onnxruntime'
+
+
+def slices(seed, n=16):
+    "Channels and labels of `n` middle slices of a 96 x 96 phantom, display orientation"
+    hu, lab, _ = make_phantom((96, 96, 40), seed=seed)
+    ks = list(range(12, 12 + n))
+    return volume_channels(hu, ks=ks, windows=HU_INPUT['windows']), np.stack([to_display(lab[:, :, k]) for k in ks])
+
+
+def train_tiny(folder, precision='fp32', seed=0, steps=60):
+    "A width-8 simple_cnn at 48 px trained briefly on a phantom: labels that mean something, in a second"
+    cfg = default_config(arch='simple_cnn', size=48, precision=precision, arch_kwargs={'width': 8}, input=HU_INPUT)
+    torch.manual_seed(seed)
+    net = build_model(cfg)
+    p = Predictor(net, cfg, 'cpu', engine='torch')
+    xs, ys = slices(10, n=24)
+    x = torch.nn.functional.interpolate(torch.from_numpy(xs).permute(0, 3, 1, 2).float(), size=(48, 48), mode='bilinear', antialias=True) * p.scale + p.shift
+    y = torch.nn.functional.interpolate(torch.from_numpy(ys)[:, None].float(), size=(48, 48), mode='nearest')[:, 0].long()
+    opt, threads = torch.optim.Adam(net.parameters(), 1e-2), torch.get_num_threads()
+    net.train(); torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            b = torch.randint(0, len(x), (16,))
+            loss = torch.nn.functional.cross_entropy(net(x[b]), y[b]); opt.zero_grad(); loss.backward(); opt.step()
+    finally: torch.set_num_threads(threads)
+    return save_model_folder(net.eval(), cfg, folder, force=True)
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory): return train_tiny(tmp_path_factory.mktemp('engine')/'model')
+
+
+@pytest.fixture(scope='module')
+def data(): return slices(3)
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    "Every test gets its own user cache and a fresh warn-once memory"
+    monkeypatch.setenv('LIVER_SEG_CACHE', str(tmp_path/'user-cache'))
+    E._WARNED.clear()
+
+
+def assert_agrees(lab, ref, gt, pixel_tol=PIXEL_TOL):
+    "Labels `lab` within the tolerance of torch's `ref`: pixels that differ, and per-class Dice against the truth `gt`"
+    assert lab.shape == ref.shape and lab.dtype == ref.dtype
+    assert (lab != ref).mean() <= pixel_tol, (lab != ref).mean()
+    for c in ('liver', 'tumor'):
+        d, d_ref = (overlap_metrics(class_mask(l, c), class_mask(gt, c))['dice'] for l in (lab, ref))
+        assert abs(d - d_ref) < DICE_TOL, (c, d, d_ref)
+
+
+@pytest.mark.parametrize('engine', ENGINES)
+@pytest.mark.parametrize('tta', [False, True])
+def test_labels_as_torch(model_dir, data, engine, tta):
+    imgs, gt = data
+    ref = Predictor.from_folder(model_dir, 'cpu', engine='torch').labels(imgs, tta)
+    assert (class_mask(ref, 'liver') & class_mask(gt, 'liver')).any()  # the tiny model finds liver: labels to compare
+    p = Predictor.from_folder(model_dir, 'cpu', engine=engine)
+    assert p.engine.name == engine and engine in repr(p)
+    assert_agrees(p.labels(imgs, tta), ref, gt)
+    lab, prob = p.labels(imgs, tta, probabilities=True)
+    _, prob_ref = Predictor.from_folder(model_dir, 'cpu', engine='torch').labels(imgs, tta, probabilities=True)
+    np.testing.assert_allclose(prob, prob_ref, atol=1e-3)
+
+
+@pytest.mark.skipif(not installed('openvino'), reason="openvino is not installed (the cpu-engine extra)")
+@pytest.mark.skipif(not E.cpu_has_bf16(), reason="this CPU has no native bf16: a bf16 model runs in fp32")
+def test_bf16_model(tmp_path, data):
+    "A bf16 model: 'openvino' runs f32 (torch fp32's labels, within the tolerance of torch's bf16); 'openvino-bf16' is the opt-in"
+    imgs, gt = data
+    d = train_tiny(tmp_path/'bf16', precision='bf16')
+    ref = Predictor.from_folder(d, 'cpu', engine='torch')
+    p = Predictor.from_folder(d, 'cpu', engine='openvino')
+    assert repr(ref.engine) == 'torch bf16 autocast' and repr(p.engine) == 'openvino f32'
+    assert_agrees(p.labels(imgs), ref.labels(imgs), gt, pixel_tol=1e-3)  # fp32 against bf16 autocast: boundary pixels differ
+    ov16 = Predictor.from_folder(d, 'cpu', engine='openvino-bf16')
+    assert repr(ov16.engine) == 'openvino bf16'
+    assert (ov16.labels(imgs) != ref.labels(imgs)).mean() < 1e-2  # same network, bf16 rounding at boundary pixels only
+
+
+@needs_any
+def test_auto(model_dir, data):
+    "'auto' uses an engine for a model folder on the CPU, torch for a network in memory"
+    p = get_predictor(model_dir, 'cpu')
+    assert p.engine.name == first_engine and repr(p.engine) in ('openvino f32', 'onnxruntime fp32')
+    pair = Predictor(*E_load(model_dir), 'cpu')
+    assert pair.engine.name == 'torch'
+    assert get_predictor(E_load(model_dir), 'cpu', engine=first_engine).engine.name == first_engine
+
+
+def E_load(folder):
+    from liver_seg.model import load_model_folder
+    return load_model_folder(folder)
+
+
+@needs_any
+def test_cache_reused(model_dir, monkeypatch):
+    "The second predictor of a folder reads the cached graph: no export, the file untouched"
+    calls = []
+    real = E.export_onnx
+    monkeypatch.setattr(E, 'export_onnx', lambda *a, **k: calls.append(1) or real(*a, **k))
+    for f in (model_dir/E.ENGINE_DIR).glob('*.onnx'): f.unlink()
+    p1 = Predictor.from_folder(model_dir, 'cpu', engine=first_engine)
+    assert p1.engine.exported and len(calls) == 1
+    g = p1.engine.graph
+    assert g.parent == model_dir/E.ENGINE_DIR and g.is_file()
+    mtime = g.stat().st_mtime_ns
+    p2 = Predictor.from_folder(model_dir, 'cpu', engine=first_engine)
+    assert not p2.engine.exported and len(calls) == 1
+    assert p2.engine.graph == g and g.stat().st_mtime_ns == mtime
+    assert not list((model_dir/E.ENGINE_DIR).glob('.*.tmp'))  # no temporary file left behind
+
+
+@needs_any
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
+def test_corrupt_cache_replaced(model_dir, data, damage):
+    imgs, gt = data
+    g = Predictor.from_folder(model_dir, 'cpu', engine=first_engine).engine.graph
+    good = g.read_bytes()
+    g.write_bytes({'truncated': good[:len(good) // 3], 'garbage': b'not an onnx graph' * 50, 'empty': b''}[damage])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # repaired quietly, no fallback warning
+        p = Predictor.from_folder(model_dir, 'cpu', engine=first_engine)
+    assert p.engine.name == first_engine and p.engine.exported and p.engine.graph == g
+    assert g.read_bytes() == good
+    assert_agrees(p.labels(imgs), Predictor.from_folder(model_dir, 'cpu', engine='torch').labels(imgs), gt)
+
+
+@needs_any
+def test_stale_graph_replaced(tmp_path, model_dir):
+    "New weights in the same folder: a new graph, and the old one goes"
+    d = tmp_path/'m'
+    import shutil; shutil.copytree(model_dir, d)
+    old = Predictor.from_folder(d, 'cpu', engine=first_engine).engine.graph
+    old_bytes = old.read_bytes()
+    from liver_seg.model import load_model_folder
+    net, cfg = load_model_folder(d)
+    with torch.no_grad(): net[-1].bias += 1
+    save_model_folder(net, cfg, d, force=True)
+    (d/E.ENGINE_DIR).mkdir(exist_ok=True); (d/E.ENGINE_DIR/old.name).write_bytes(old_bytes)  # save_model_folder replaced the folder; put the stale graph back
+    p = Predictor.from_folder(d, 'cpu', engine=first_engine)
+    assert p.engine.exported and p.engine.graph != old
+    assert [f.name for f in (d/E.ENGINE_DIR).glob('*.onnx')] == [p.engine.graph.name]
+
+
+@needs_any
+def test_read_only_folder_uses_user_cache(tmp_path, model_dir, monkeypatch, data):
+    "A model folder that cannot be written: the graph goes to the user's cache, the folder is untouched"
+    import shutil; d = tmp_path/'ro'; shutil.copytree(model_dir, d); shutil.rmtree(d/E.ENGINE_DIR, ignore_errors=True)
+    real = E.write_atomic
+    def refuse(path, data):  # what a read-only folder does, also for root (who ignores permissions)
+        if str(path).startswith(str(d)): raise PermissionError(13, 'Permission denied')
+        return real(path, data)
+    monkeypatch.setattr(E, 'write_atomic', refuse)
+    p = Predictor.from_folder(d, 'cpu', engine=first_engine)
+    assert p.engine.name == first_engine and p.engine.graph.parent == E.user_cache_dir() == tmp_path/'user-cache'/'engine'
+    assert not (d/E.ENGINE_DIR).exists()
+    assert not Predictor.from_folder(d, 'cpu', engine=first_engine).engine.exported
+    imgs, gt = data
+    assert_agrees(p.labels(imgs), Predictor.from_folder(d, 'cpu', engine='torch').labels(imgs), gt)
+
+
+@needs_any
+def test_nowhere_to_write_falls_back(model_dir, monkeypatch, data):
+    def refuse(path, data): raise PermissionError(13, 'Permission denied')
+    for f in (model_dir/E.ENGINE_DIR).glob('*.onnx'): f.unlink()
+    monkeypatch.setattr(E, 'write_atomic', refuse)
+    with pytest.warns(UserWarning, match='cannot write the exported graph'):
+        p = Predictor.from_folder(model_dir, 'cpu', engine=first_engine)
+    assert p.engine.name == 'torch'
+
+
+@pytest.mark.parametrize('name', ['openvino', 'onnxruntime'])
+def test_missing_package_falls_back(model_dir, data, monkeypatch, name):
+    "The package absent (its import fails): torch runs, with one warning per process that says why, and torch's labels"
+    imgs, gt = data
+    monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    with pytest.warns(UserWarning, match=f'{name} is not installed') as w:
+        p = Predictor.from_folder(model_dir, 'cpu', engine=name)
+        Predictor.from_folder(model_dir, 'cpu', engine=name)
+    assert len([x for x in w if 'not installed' in str(x.message)]) == 1
+    assert p.engine.name == 'torch'
+    np.testing.assert_array_equal(p.labels(imgs), Predictor.from_folder(model_dir, 'cpu', engine='torch').labels(imgs))
+
+
+def test_auto_without_packages_is_quiet_torch(model_dir, monkeypatch):
+    for name in ('openvino', 'onnxruntime'): monkeypatch.setitem(sys.modules, name, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        p = Predictor.from_folder(model_dir, 'cpu')
+    assert p.engine.name == 'torch'
+
+
+@needs_any
+def test_export_failure_falls_back(model_dir, monkeypatch):
+    def fail(*a, **k): raise RuntimeError('ONNX export failed (no exporter)')
+    for f in (model_dir/E.ENGINE_DIR).glob('*.onnx'): f.unlink()
+    monkeypatch.setattr(E, 'export_onnx', fail)
+    with pytest.warns(UserWarning, match='ONNX export failed'):
+        p = Predictor.from_folder(model_dir, 'cpu', engine=first_engine)
+    assert p.engine.name == 'torch'
+
+
+def test_unknown_engine_refused(model_dir):
+    from liver_seg.io import LiverSegError
+    with pytest.raises(LiverSegError, match='unknown engine'): Predictor.from_folder(model_dir, 'cpu', engine='tensorrt')
+
+
+def test_threads_follow_affinity_and_torch():
+    n = torch.get_num_threads()
+    try:
+        assert E.cpu_threads() == min(len(os.sched_getaffinity(0)), n)
+        torch.set_num_threads(1)
+        assert E.cpu_threads() == 1
+    finally: torch.set_num_threads(n)
