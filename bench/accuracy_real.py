@@ -3,6 +3,11 @@ the held-out cases with `liver-seg predict`, score them with `liver-seg evaluate
 
     python bench/accuracy_real.py [--holdout 6,7] [--work /tmp/liver_seg_accuracy]
                                   [--train-args "--size 160 --epochs 10 --loss ce+dice"] [--predict-args=--tta]
+                                  [--ircadb ../shared/data/ircadb-hu --ircadb-holdout 3Dircadb1.7]
+
+With `--ircadb`, the 3D-IRCADb cases other than `--ircadb-holdout` are exported with `liver-seg prepare --windows lits`
+(8-bit gray through the LiTS slices' window) and trained on beside the slices, and the held-out patient's DICOM series
+(`PATIENT_DICOM/`, in HU) is predicted from its files and scored against its masks (liver, union of livertumor*).
 
 The held-out cases are never seen in training: a temporary slice folder of symlinks to the training cases only
 (images/ + masks/) is what `liver-seg train` gets, so its own validation split (a seeded case, or `--valid-cases`
@@ -19,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from cpuflags import cpu_summary  # noqa: E402
 REAL = ROOT.parent/'shared'/'data'/'ct-slices'
+IRCADB = ROOT.parent/'shared'/'data'/'ircadb-hu'
 
 
 def case_of(stem): return stem.rsplit('_', 1)[0]
@@ -54,6 +60,8 @@ def main():
     p.add_argument('--train-args', default='', help='extra `liver-seg train` flags, e.g. "--size 160 --epochs 10" (--train-args=--flag for a single flag)')
     p.add_argument('--predict-args', default='', help='extra `liver-seg predict` flags; write --predict-args=--no-postprocess (with =) for one flag')
     p.add_argument('--model', default=None, help='skip training: evaluate this existing model folder')
+    p.add_argument('--ircadb', default=None, help=f'3D-IRCADb cases in HU to train on and hold out (e.g. {IRCADB})')
+    p.add_argument('--ircadb-holdout', default='3Dircadb1.7', help='the IRCADb case predicted from its DICOM files, never trained on')
     a = p.parse_args()
     data, work = Path(a.data), Path(a.work).resolve()
     if not (data/'images').is_dir(): sys.exit(f"{data}: no images/ folder (the real slices are not present)")
@@ -69,9 +77,16 @@ def main():
     n_hold = link_cases(data, work/'holdout', set(hold))
     print(f"train cases {','.join(train_cases)} ({n_train} slices); held out {','.join(hold)} ({n_hold} slices); work {work}")
     model = Path(a.model) if a.model else work/'model'
+    folders = [work/'train']
+    if a.ircadb:
+        ircadb = Path(a.ircadb).resolve()
+        for c in sorted(p.name for p in ircadb.iterdir() if (p/'PATIENT_DICOM').is_dir() and p.name != a.ircadb_holdout):
+            run(['liver-seg', 'prepare', ircadb/c, work/'ircadb', '--windows', 'lits', '--format', 'png'], work/f'prepare-{c}.log')
+            folders = [work/'train', work/'ircadb']
+        print(f"IRCADb: trained on the cases of {work/'ircadb'}, held out {a.ircadb_holdout}")
     t_train_wall = 0.
     if not a.model:
-        t_train_wall = run(['liver-seg', 'train', work/'train', '--out', model, '--no-pretrained', *shlex.split(a.train_args)],
+        t_train_wall = run(['liver-seg', 'train', *folders, '--out', model, '--no-pretrained', *shlex.split(a.train_args)],
                            work/'train.log')
     cfg = json.loads((model/'config.json').read_text())
     t_pred = run(['liver-seg', 'predict', model, work/'holdout'/'images', work/'pred', *shlex.split(a.predict_args)], work/'predict.log')
@@ -85,9 +100,26 @@ def main():
           f"precision {rec.get('precision')}, best epoch {rec.get('best_epoch')}; split {cfg.get('split')}")
     print(df[['case', 'liver_dice', 'tumor_dice']].to_string(index=False, float_format='{:.4f}'.format))
     print(f"mean liver Dice {df.liver_dice.mean():.4f}, mean tumour Dice {df.tumor_dice.mean():.4f}")
+    if a.ircadb: score_dicom(model, Path(a.ircadb).resolve()/a.ircadb_holdout, work, a.predict_args)
     print(f"train time {rec.get('train_seconds', float('nan'))/60:.1f} min (fit; train command wall {t_train_wall/60:.1f} min), "
           f"predict {t_pred:.0f} s, wall {(time.time() - t_start)/60:.1f} min  [{cpu_summary()}]")
     print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
+
+
+def score_dicom(model, case, work, predict_args):
+    "Predict an IRCADb case's DICOM series (HU) from its files; score it against its masks with `liver-seg evaluate`"
+    from liver_seg.dicom import read_ircadb_case
+    from liver_seg.io import write_labels
+    vol, labels = read_ircadb_case(case)
+    (work/'dicom_truth').mkdir(); (work/'dicom_pred').mkdir()
+    write_labels(labels, vol, work/'dicom_truth'/f'{case.name}.nii.gz')
+    t = run(['liver-seg', 'predict', model, case/'PATIENT_DICOM', work/'dicom_pred'/f'{case.name}.nii.gz', *shlex.split(predict_args)],
+            work/'predict_dicom.log')
+    run(['liver-seg', 'evaluate', work/'dicom_pred', work/'dicom_truth', '--csv', work/'eval_dicom.csv'], work/'evaluate_dicom.log')
+    import pandas as pd
+    d = pd.read_csv(work/'eval_dicom.csv')
+    print(f"DICOM series in HU, {case.name} ({vol.shape[2]} slices, predicted in {t:.0f} s): liver Dice {d.liver_dice.iloc[0]:.4f}, "
+          f"tumour Dice {d.tumor_dice.iloc[0]:.4f}")
 
 
 if __name__ == '__main__': main()

@@ -16,7 +16,7 @@ from .io import LiverSegError, ORIENTATION, find_slice_pairs, read_image, read_m
 # %% auto #0
 __all__ = ['toy_slice_folder', 'mask_encoding', 'check_export', 'slice_items', 'data_folders', 'data_items', 'SliceImage',
            'SliceMask', 'CaseSplitter', 'data_stats', 'slice_stats', 'case_summary', 'input_spec', 'train_crop',
-           'seg_dataloaders']
+           'liver_crop_rows', 'seg_dataloaders']
 
 # %% ../nbs/04_data.ipynb #c0eb6647
 def toy_slice_folder(folder, # where to write images/ and masks/ (created)
@@ -117,6 +117,13 @@ def data_items(path, # one slice folder, or a list of slice folders trained on t
     return items
 
 # %% ../nbs/04_data.ipynb #b47bebfb
+def _cut(a, item):
+    "The slice (image or mask array) cut to the row's `box` (r0, r1, c0, c1) when it has one (the fine stage's crops)"
+    box = None if isinstance(item, (str, Path)) else item.get('box')
+    if box is None or (isinstance(box, float) and np.isnan(box)): return a
+    r0, r1, c0, c1 = box
+    return a[r0:r1, c0:c1]
+
 def _gray(a, path):
     if a.ndim == 2: return a
     raise LiverSegError(path, "2.5D input (context=1) needs gray slice images; this image has 3 different channels")
@@ -135,6 +142,7 @@ class SliceImage:
         elif self.context:
             a = np.stack([_gray(read_image(item[c]), item[c]) for c in ('prev', 'image', 'next')], -1)
         else: a = read_image(item['image'])
+        a = _cut(a, item)
         return np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a[..., :3]
     def __repr__(self): return f'SliceImage(context={self.context})'
 
@@ -144,7 +152,7 @@ class SliceMask:
     def __call__(self, item):
         from fastai.vision.core import PILMask
         if isinstance(item, (str, Path)): return PILMask.create(read_mask(item, self.encoding))
-        return PILMask.create(read_mask(item['mask'], item.get('encoding', self.encoding) or self.encoding))
+        return PILMask.create(_cut(read_mask(item['mask'], item.get('encoding', self.encoding) or self.encoding), item))
     def __repr__(self): return f'SliceMask(encoding={self.encoding!r})'
 
 # %% ../nbs/04_data.ipynb #dfcd5f07
@@ -250,6 +258,30 @@ def train_crop(size:int): # patch side in pixels
     tfm.split_idx = 0 # fastcore skips a transform whose split_idx is not the dataset's: 0 is training
     return tfm
 
+def liver_crop_rows(items, # slice rows (`data_items`), with the mask `encoding` of each
+                    margins=(0.02, 0.10), # training boxes: a margin drawn per side from this range (fraction of the slice side)
+                    z_margin:int=2, # slices kept above and below each case's liver
+                    valid_cases=(), # these cases get the middle margin on every side, not a random one
+                    seed:int=42):
+    "The rows of the slices around each case's liver, each with the `box` the fine stage crops: the true liver's, with margins"
+    from liver_seg.crops import liver_box, grow_box
+    rng, keep, boxes = np.random.default_rng(seed), [], []
+    valid = {str(c) for c in valid_cases}
+    for case, rows in items.groupby('case', sort=False):
+        enc = rows['encoding'] if 'encoding' in rows else [items.attrs.get('mask_encoding')] * len(rows)
+        fg = np.stack([read_mask(m, e) > 0 for m, e in zip(rows['mask'], enc)])
+        tight = liver_box(fg, margin=0, z_margin=z_margin, square=False)
+        if tight is None: continue  # a case without liver has nothing for the fine stage
+        z0, z1, *plane = tight
+        side = max(fg.shape[1:])
+        for i in range(z0, z1):
+            m = [np.mean(margins)] * 4 if str(case) in valid else rng.uniform(*margins, 4)
+            keep.append(rows.index[i]); boxes.append(grow_box(plane, np.asarray(m) * side, fg.shape[1:]))
+    out = items.loc[keep].reset_index(drop=True)
+    out['box'] = boxes
+    out.attrs.update(items.attrs)
+    return out
+
 def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.png), or a list of them
                     size:int=128, # slices are squished to size x size
                     crop:int|None=None, # train on random crop x crop patches of those (validation: whole slices)
@@ -263,6 +295,7 @@ def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.pn
                     normalize='data', # 'data' (measured on training slices), 'imagenet', or {'mean': [...], 'std': [...]}
                     tumor_weight:float=0., # over-sample slices with tumour by 1 + this (0: off)
                     every:int=1, # use every n-th slice of each case (quick experiments)
+                    liver_crop=None, # (min, max) margin: train on the slices around the liver, cropped to its true box (the fine stage)
                     num_workers:int=0, # DataLoader worker processes
                     device=None): # torch device of the batches (default: CPU)
     "fastai `DataLoaders` of (image, 0/1/2 mask) for one or several slice folders, validated by case"
@@ -277,6 +310,7 @@ def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.pn
     attrs = dict(items.attrs)
     splitter = CaseSplitter(valid_cases, valid_pct, seed)
     split = splitter.split_record(items)
+    if liver_crop is not None: items = liver_crop_rows(items, liver_crop, valid_cases=split['valid_cases'], seed=seed)
     spec = input_spec(path, context)
     get_x, get_y = SliceImage(context), SliceMask(attrs['mask_encoding'])
     train_rows = items[~items.case.astype(str).isin(split['valid_cases'])]

@@ -10,6 +10,7 @@ import json, os, shutil, time, warnings
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
+import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
@@ -63,6 +64,10 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           last_cross:bool=True, # fastai's full-resolution ResBlock at the U-Net's end (False: half the CPU step time)
           bottle:bool=False, # that ResBlock with half the channels (fastai's `bottle`): a cheaper full-resolution block
           every:int=1, # use every n-th slice of each case
+          cascade:bool=True, # coarse to fine: a coarse stage on whole slices at `coarse_size` finds the liver, this model segments its box
+          coarse_size:int=64, # the coarse stage's slice size
+          coarse_epochs:int=6, # the coarse stage's epochs
+          crop_margins:tuple=(0.02, 0.10), # the fine stage's training boxes: true liver box + a margin per side from this range (fraction of the slice side)
           num_workers:int=0, # DataLoader workers
           device=None, # 'cpu', 'cuda' (default: CUDA if available)
           force:bool=False, # replace an existing model folder
@@ -73,6 +78,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
     o = SimpleNamespace(**locals()) # the options travel together through the steps below
     o.out, o.lr = Path(out), 2e-3 if lr is None else lr
     _check_options(o)
+    if o.cascade: _train_coarse(o)
     with process_group(o.device, o.world): _do_train(o)
     return o.out
 
@@ -81,6 +87,7 @@ def _check_options(o):
     "Refuse bad options and an existing output before any work; settle the process, device and precision"
     if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
     if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
+    if o.crop is not None and o.cascade: raise LiverSegError('--crop', "random patches and the coarse-to-fine liver crops exclude each other: add --no-cascade")
     if o.fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {o.fit!r}: use one_cycle or fine_tune")
     o.inputs = data_folders(o.data) + ([Path(o.weights)] if o.weights is not None else [])
     refuse_input(o.out, o.inputs) # --force never replaces the slices (or weights) it trains on
@@ -102,6 +109,7 @@ def _data_and_config(o):
     set_seed(o.seed, reproducible=True)
     enc = pretrained_encoder_state(o.arch, o.weights) if (o.pretrained or o.weights is not None) and o.arch != 'simple_cnn' else None
     dls = seg_dataloaders(o.data, size=o.size, crop=o.crop, bs=o.bs, valid_cases=o.valid_cases, valid_pct=o.valid_pct, seed=o.seed,
+                          liver_crop=tuple(o.crop_margins) if o.cascade else None,
                           context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, every=o.every,
                           num_workers=o.num_workers, device=o.device)
     recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, fit=o.fit, wd=o.wd, seed=o.seed,
@@ -109,11 +117,13 @@ def _data_and_config(o):
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
                   last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor='dice_mean',
                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
+    if o.cascade: recipe.update(cascade=True, coarse_size=o.coarse_size, coarse_epochs=o.coarse_epochs, crop_margins=list(o.crop_margins))
     if o.world > 1: recipe['processes'] = o.world # bs is per process
     cfg = default_config(arch=o.arch, size=o.size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
                          precision=o.precision, recipe=recipe, split=dls.split)
     unet_kwargs = {k: v for k, v in dict(last_cross=o.last_cross, bottle=o.bottle).items() if v != UNET_DEFAULTS[k]}
     if unet_kwargs and o.arch != 'simple_cnn': cfg['arch_kwargs'] = unet_kwargs
+    if o.cascade: cfg['cascade'] = dict(coarse='coarse', margin=round(float(np.mean(o.crop_margins)), 4), z_margin=2)
     return dls, enc, cfg
 
 def _do_train(o):
@@ -201,10 +211,25 @@ def _write_model_folder(o, learn, cfg, run):
     plot_learning_curves(history, run/'learning_curves.png', o.history.batch_losses)
     learn.remove_cbs(o.run_cbs + list(o.cbs or []))
     learn.export(run/'learner.pkl')
+    if o.cascade: os.replace(_coarse_dir(o.out), run/'coarse')
     with atomic_path(o.out, force=o.force, inputs=o.inputs) as tmp:
         os.replace(run, tmp)
         for f in Path(tmp).iterdir(): # checkpoints, and temporaries a killed earlier attempt left
             if f.name in ('best.pth', 'last.pth', 'recipe.json') or f.name.startswith('.'): f.unlink()
+
+# %% ../nbs/07_train.ipynb #2974a87f
+def _coarse_dir(out:Path) -> Path: return out.parent/f".{out.name}.coarse"
+
+def _train_coarse(o):
+    "Train the coarse stage into `.OUT.coarse` (kept when resuming and finished): whole slices at `coarse_size`"
+    dest = _coarse_dir(o.out)
+    if o.resume and (dest/'config.json').is_file(): return
+    keep = ('arch', 'bs', 'lr', 'loss', 'valid_cases', 'valid_pct', 'pretrained', 'weights', 'precision', 'seed', 'context',
+            'fit', 'wd', 'flip', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'every', 'num_workers', 'device', 'cbs', 'progress')
+    if o.progress and o.rank == 0: print(f"coarse stage: whole slices at {o.coarse_size} px, {o.coarse_epochs} epochs", flush=True)
+    train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True,
+          **{k: getattr(o, k) for k in keep if k != 'device'}, device=None if o.device is None else str(o.device))
+    if o.progress and o.rank == 0: print(f"fine stage: the liver's box at {o.size} px, {o.epochs} epochs", flush=True)
 
 # %% ../nbs/07_train.ipynb #0b5f700a
 class CPUBF16(Callback):
