@@ -2,13 +2,15 @@
 
     python bench/predict_throughput.py [--slices 100] [--size 128] [--big 1000] [--no-big] [--workdir DIR]
     python bench/predict_throughput.py --no-small --big 1000 --big-model DEMO/model   # memory with a trained model
+    python bench/predict_throughput.py --engines --no-small --no-big [--rounds 8]     # forward pass through each CPU engine
 
 A synthetic 512 x 512 x N int16 NIfTI (liver_seg.synth phantom) is segmented by an untrained resnet34 U-Net at 128 px
 (speed only, so untrained weights are fine):
 
 - ours: `liver-seg predict MODEL_DIR IN.nii.gz OUT.nii.gz` (full resolution output in the input's geometry,
   post-processed, written as NIfTI; config precision bf16 when this CPU has native bf16, else fp32), and the same
-  through `predict_path` in a Python child timed around the call (imports excluded);
+  through `predict_path` in a Python child timed around the call (imports excluded); both with `engine='auto'`
+  (`liver_seg.engine`: OpenVINO f32 when installed), and a row with `engine='torch'`, the way before the engine;
 - the seed's way: `load_learner` on a `learner.pkl` (seed-style DataBlock, `Resize(128)`, `IntToFloatTensor`,
   `Normalize`), `read_nii` with `get_fdata` + `rot90`, per-slice `to_nchan` + `byte`, `test_dl` + `get_preds` (fp32),
   argmax left at 128 px.
@@ -18,6 +20,8 @@ and for ours post-processing and writing). Peak RSS is each child's `ru_maxrss` 
 with `resource.getrusage(RUSAGE_CHILDREN)`). Then peak RSS of ours on a 512 x 512 x `--big` int16 volume, with the untrained
 model or with `--big-model` (a trained model folder such as `liver-seg demo`'s, whose liver-sized output is what
 post-processing meets in use). Also prints the forward-pass ceiling of each network and post-processing on realistic labels.
+With `--engines`, first a forward-pass table of the default network (batch 16): torch fp32, fp32 channels_last,
+bf16 autocast + channels_last, ONNX Runtime and OpenVINO f32 / bf16, in one process, rounds interleaved.
 Measured, never asserted: the machine is shared, timings are noisy.
 """
 import argparse, json, os, subprocess, sys, tempfile, time, warnings
@@ -79,11 +83,13 @@ def seed_predict(pkl, nii):
     return time.perf_counter() - t0, tuple(mask.shape)
 
 
-def ours_predict(model_dir, nii, out, post='1'):
+def ours_predict(model_dir, nii, out, post='1', engine='auto'):
     "predict_path timed around the call (model load, reading, prediction, post-processing unless post='0', writing)"
     from liver_seg.predict import predict_path
+    from liver_seg.predictor import get_predictor
     t0 = time.perf_counter()
-    predict_path(model_dir, nii, out, force=True, progress=False, postprocess=post == '1')
+    model = model_dir if engine == 'auto' else get_predictor(model_dir, engine=engine)  # predict_path has no engine= (yet)
+    predict_path(model, nii, out, force=True, progress=False, postprocess=post == '1')
     return time.perf_counter() - t0
 
 
@@ -128,10 +134,10 @@ def realistic_postprocess(n):
           f"(the untrained network's noise above is its worst case)")
 
 
-def network_seconds(model_dir, n, size, bs=16):
+def network_seconds(model_dir, n, size, bs=16, engine='torch'):
     "In-process time of the network alone (Predictor.scores: normalise, bf16/fp32 forward) on n slices at model size"
     from liver_seg.predict import Predictor
-    pred = Predictor.from_folder(model_dir)
+    pred = Predictor.from_folder(model_dir, engine=engine)
     imgs = np.random.default_rng(0).integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
     pred.scores(imgs)
     t = time.perf_counter()
@@ -157,6 +163,71 @@ def ceiling(size, n, seed_inner, rows, prec, dirs):
               f"the seed's {seed_inner:.1f} s over a network at the ceiling and nothing else: {seed_inner/best:.1f}x at most")
 
 
+def engine_forward(size=128, bs=16, rounds=5, reps=2, arch_kwargs=None, work=None):
+    """Forward-pass rates (slices/s) of one network through every CPU path, in this process, rounds interleaved.
+
+    torch fp32 / fp32 channels_last / bf16 autocast + channels_last, ONNX Runtime (CPU EP) and OpenVINO with
+    INFERENCE_PRECISION_HINT f32 and bf16, all on the same random batch of `bs` slices at `size` px, threads = the
+    cores this process may use. Each round times `reps` batches of every path in turn, so a burst of load on the
+    shared machine hits all of them, in a new order each round; the median and the best round are printed."""
+    import statistics, torch
+    from liver_seg.model import build_model, default_config
+    from liver_seg.engine import cpu_threads, export_onnx, write_atomic
+    threads = cpu_threads(); torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = build_model(default_config(arch='resnet34', size=size, arch_kwargs=arch_kwargs or {})).eval()
+    x = torch.randn(bs, 3, size, size)
+    work = Path(work or tempfile.mkdtemp(prefix='engine_bench_'))
+    onnx = write_atomic(work/'net.onnx', export_onnx(net, size))
+    paths = {}
+    with torch.inference_mode():
+        ref = net(x)
+        paths['torch fp32'] = lambda: net(x)
+        net_cl = build_model(default_config(arch='resnet34', size=size, arch_kwargs=arch_kwargs or {})).eval()
+        net_cl.load_state_dict(net.state_dict()); net_cl = net_cl.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        paths['torch fp32 channels_last'] = lambda: net_cl(x_cl)
+        def bf16():
+            with torch.autocast('cpu', dtype=torch.bfloat16): return net_cl(x_cl).float()
+        paths['torch bf16 autocast + channels_last'] = bf16
+    xn = x.numpy()
+    try:
+        import onnxruntime as ort
+        so = ort.SessionOptions(); so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.add_session_config_entry('session.intra_op.allow_spinning', '0')  # as liver_seg.engine: no pool spinning into the next path's time
+        sess = ort.InferenceSession(str(onnx), so, providers=['CPUExecutionProvider'])
+        paths[f'ONNX Runtime {ort.__version__} (CPU EP)'] = lambda: sess.run(None, {'x': xn})[0]
+    except ImportError: print("onnxruntime not installed: no row")
+    try:
+        import openvino as ov
+        core = ov.Core()
+        for hint in ('f32', 'bf16'):
+            req = core.compile_model(str(onnx), 'CPU', {'INFERENCE_PRECISION_HINT': hint, 'INFERENCE_NUM_THREADS': threads,
+                                                        'PERFORMANCE_HINT': 'LATENCY'}).create_infer_request()
+            paths[f'OpenVINO {ov.__version__.split("-")[0]} {hint}'] = (lambda r: lambda: r.infer({0: xn})[0])(req)
+    except ImportError: print("openvino not installed: no rows")
+    diffs = {}
+    with torch.inference_mode():
+        for k, f in paths.items():  # warm-up, and how far each path's logits are from torch fp32
+            out = torch.as_tensor(np.asarray(f())).float()
+            diffs[k] = ((out - ref).abs().max().item(), (out.argmax(1) == ref.argmax(1)).float().mean().item())
+        times = {k: [] for k in paths}
+        rng = np.random.default_rng(0)
+        for _ in range(rounds):
+            for k in rng.permutation(list(paths)):  # a new order each round: no path always follows the same one
+                f = paths[k]
+                t = time.perf_counter()
+                for _ in range(reps): f()
+                times[k].append(bs * reps / (time.perf_counter() - t))
+    print(f"\nforward only, resnet34 U-Net{' ' + str(arch_kwargs) if arch_kwargs else ''} (untrained), batch {bs} at {size} px, "
+          f"{threads} threads, {rounds} interleaved rounds of {reps} batches, load average {os.getloadavg()[0]:.1f}  [{cpu_summary()}]")
+    base = statistics.median(times['torch fp32'])
+    print(f"{'path':42s} {'median':>8s} {'best':>7s} {'x fp32':>7s} {'max |logit diff|':>17s} {'argmax agree':>13s}")
+    for k, v in times.items():
+        print(f"{k:42s} {statistics.median(v):8.2f} {max(v):7.2f} {statistics.median(v)/base:6.2f}x {diffs[k][0]:17.2e} {diffs[k][1]:13.4%}")
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--slices', type=int, default=100)
@@ -166,6 +237,8 @@ def main():
     ap.add_argument('--workdir', default=None)
     ap.add_argument('--big-model', default=None, help="trained model folder for the --big runs (e.g. `liver-seg demo OUT`'s OUT/model): realistic post-processing")
     ap.add_argument('--no-small', action='store_true', help='skip the comparison with the seed (only the --big memory runs)')
+    ap.add_argument('--engines', action='store_true', help='first the forward-pass table: torch fp32/channels_last/bf16, ONNX Runtime, OpenVINO f32/bf16')
+    ap.add_argument('--rounds', type=int, default=5, help='interleaved rounds of the --engines table')
     a = ap.parse_args()
     import torch
     from liver_seg.model import build_model, default_config, save_model_folder
@@ -175,6 +248,7 @@ def main():
     print(f"CPU: {cpu_summary()}")
     print(f"CPU threads {torch.get_num_threads()}, native bf16: {cpu_has_bf16()}, load average {os.getloadavg()[0]:.1f}, work dir {work}")
     prec = 'bf16' if cpu_has_bf16() else 'fp32'
+    if a.engines: engine_forward(a.size, rounds=a.rounds, work=work)
     import inspect
     from liver_seg.train import train
     default_lc = inspect.signature(train).parameters['last_cross'].default  # what `liver-seg train` builds
@@ -209,22 +283,29 @@ def compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc):
     r = subprocess.run(child('make_seed_learner', str(pkl_dir), str(a.size)), capture_output=True, text=True)
     if r.returncode: sys.exit(f"making the seed's learner.pkl failed:\n{r.stderr[-3000:]}")
     pkl = pkl_dir/'learner.pkl'
-    print(f"volume 512 x 512 x {a.slices} int16, resnet34 U-Net at {a.size} px (untrained), ours precision {prec}")
+    from liver_seg.predictor import get_predictor
+    for d in (model_dir, other_dir, bottle_dir):  # the engine's graph is exported once per model folder, before any timing
+        t = time.perf_counter(); eng = get_predictor(d, 'cpu').engine
+        print(f"engine 'auto' for {d.name}: {eng!r}, graph {'exported and compiled' if getattr(eng, 'exported', False) else 'compiled'} in {time.perf_counter() - t:.1f} s (once per model folder)")
+    auto = repr(get_predictor(model_dir, 'cpu').engine)
+    print(f"volume 512 x 512 x {a.slices} int16, resnet34 U-Net at {a.size} px (untrained), ours precision {prec}, engine 'auto': {auto}")
     rows = []
     w, rss, out = measured(child('seed_predict', str(pkl), str(nii)))
     inner, shape = json.loads(out.strip().splitlines()[-1])
     rows.append(('seed: load_learner + to_nchan + test_dl/get_preds (fp32, 128 px out)', w, inner, rss))
     net = f'default network: last_cross={default_lc}'
     w, rss, _ = measured(['liver-seg', 'predict', model_dir, nii, work/'pred_cli.nii.gz', '--force'])
-    rows.append((f'ours: liver-seg predict ({prec}, full-res NIfTI, post-processed; {net})', w, None, rss))
+    rows.append((f'ours: liver-seg predict ({prec}, {auto}, full-res NIfTI, post-processed; {net})', w, None, rss))
     w, rss, out = measured(child('ours_predict', str(model_dir), str(nii), str(work/'pred_py.nii.gz')))
-    rows.append((f'ours: predict_path in Python ({prec}; {net})', w, float(out.strip().splitlines()[-1]), rss))
+    rows.append((f'ours: predict_path in Python ({prec}, {auto}; {net})', w, float(out.strip().splitlines()[-1]), rss))
     w, rss, out = measured(child('ours_predict', str(other_dir), str(nii), str(work/'pred_other.nii.gz')))
     rows.append((f"ours: predict_path ({prec}; last_cross={not default_lc}{', opt-in' if default_lc else ', the seed network'})", w, float(out.strip().splitlines()[-1]), rss))
     w, rss, out = measured(child('ours_predict', str(bottle_dir), str(nii), str(work/'pred_bottle.nii.gz')))
     rows.append((f"ours: predict_path ({prec}; bottle=True, opt-in)", w, float(out.strip().splitlines()[-1]), rss))
     w, rss, out = measured(child('ours_predict', str(other_dir if default_lc else model_dir), str(nii), str(work/'pred_nopost.nii.gz'), '0'))
     rows.append((f"ours: predict_path ({prec}; last_cross=False; no post-processing, like the seed)", w, float(out.strip().splitlines()[-1]), rss))
+    w, rss, out = measured(child('ours_predict', str(model_dir), str(nii), str(work/'pred_torch.nii.gz'), '1', 'torch'))
+    rows.append((f"ours: predict_path, engine='torch' ({prec}; {net})", w, float(out.strip().splitlines()[-1]), rss))
     print(f"\n{'method':78s} {'wall s':>7s} {'slices/s':>9s} {'inner s':>8s} {'slices/s':>9s} {'RSS MB':>7s}")
     for name, w, inner, rss in rows:
         ins = f"{inner:8.1f} {a.slices/inner:9.2f}" if inner else f"{'-':>8s} {'-':>9s}"
@@ -235,6 +316,8 @@ def compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc):
     print(f"with last_cross={not default_lc}: end to end {seed_w/rows[3][1]:.1f}x, timed region {seed_in/rows[3][2]:.1f}x")
     print(f"bottle=True: end to end {seed_w/rows[4][1]:.1f}x, timed region {seed_in/rows[4][2]:.1f}x")
     print(f"last_cross=False without post-processing: end to end {seed_w/rows[5][1]:.1f}x, timed region {seed_in/rows[5][2]:.1f}x")
+    print(f"engine='torch' (the way before liver_seg.engine): end to end {seed_w/rows[6][1]:.1f}x, timed region {seed_in/rows[6][2]:.1f}x; "
+          f"engine 'auto' ({auto}) over torch: {rows[6][2]/rows[2][2]:.2f}x timed region, {rows[6][1]/rows[2][1]:.2f}x end to end")
     realistic_postprocess(a.slices)
     ceiling(a.size, a.slices, seed_in, rows, prec, [model_dir, bottle_dir, other_dir])
 
