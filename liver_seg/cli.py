@@ -32,7 +32,7 @@ def prepare(src:str,             # LiTS-style folder (volume-N.nii + segmentatio
             out:str,             # output folder: images/, masks/, manifest.csv
             format:Annotated[str, dict(choices=['jpg', 'png'])]='jpg', # image format of the exported slices
             every:_N=1,          # keep every Nth slice
-            windows:Annotated[str, dict(metavar='NAMES')]='liver,custom', # two window names from `dicom_windows` (RGB with freqhist), or one, e.g. lits (8-bit gray)
+            windows:Annotated[str, dict(metavar='NAMES')]='lits', # one window from `dicom_windows` (8-bit gray; lits: what 8-bit LiTS slices hold), or two (RGB with freqhist), e.g. liver,custom
             workers:_N=1,        # worker processes
             force:bool=False,    # rewrite an existing, complete OUT
             Quiet:bool=False):   # no progress bar: only the last line
@@ -99,6 +99,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             preview:bool=False,     # volumes: also OUTPUT's name + .png, a montage through the liver with the labels outlined
             probabilities:bool=False, # volumes: also OUTPUT's name + _probabilities.nii.gz, the softmax per class (before post-processing)
             format:Annotated[str, dict(choices=['nifti', 'dicom-seg'])]='nifti', # dicom-seg: OUTPUT.dcm, a DICOM Segmentation of a DICOM series
+            engine:Annotated[str, dict(choices=['auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16'])]='auto', # CPU inference engine: auto = OpenVINO f32 where the cpu-engine extra is installed, else torch
             force:bool=False,       # replace an existing output (never an input)
             Quiet:bool=False):      # no progress bars or per-volume lines: only the last line
     "Segment a CT volume or a slice folder with a trained model"
@@ -111,7 +112,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
                        postprocess=None if postprocess else False, # None: on for volumes, off for slice folders
                        encoding=encoding, allow_pickle=allow_pickle, part=part, workers=workers, series=series, force=force,
                        progress=not Quiet, probabilities=probabilities, extras=extras,
-                       writer=report.write_dicom_seg if format == 'dicom-seg' else None)
+                       writer=report.write_dicom_seg if format == 'dicom-seg' else None, engine=engine)
     if statistics and Path(res).is_dir() and part in (None, '1/1'): _statistics_table(Path(input), Path(res), force)
     print(f"prediction: {res}")
     return res
@@ -180,6 +181,7 @@ def main(argv:list=None # arguments after the program name (default: `sys.argv[1
         from liver_seg import __version__; print(__version__); return 0
     # fastai imports torch.jit.script, deprecated in torch 2.10+: a library's warning is not the user's business
     warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.*', category=FutureWarning)
+    warnings.formatwarning = lambda message, category, *a, **k: f"liver-seg: warning: {message}\n"  # one line, no source line
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"liver-seg: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr); return 2

@@ -214,7 +214,7 @@ def load_engine(model:torch.nn.Module, # the network, eval mode, on `device`
                 eng = make(path)
         except Exception as e:
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
-            _warn_once(f"{name} could not run {config.get('arch')!r} ({type(e).__name__}: {why}): running torch")
+            if engine != 'auto': _warn_once(f"{name} could not run {config.get('arch')!r} ({type(e).__name__}: {why}): running torch")
             return torch_engine()
     eng.graph, eng.exported = (path if folder is not None else None), fresh
     return eng

@@ -68,7 +68,7 @@ def coarse_stage(pred:Predictor) -> Predictor|None:
         folder = Path(pred.source).parent/pred.config['cascade'].get('coarse', 'coarse')
         if not (folder/'config.json').is_file():
             raise LiverSegError(folder, "a coarse-to-fine model needs its coarse stage here (config.json and weights); the model folder is incomplete")
-        pred.coarse = Predictor.from_folder(folder, device=pred.device)
+        pred.coarse = Predictor.from_folder(folder, device=pred.device, engine=getattr(pred, 'engine_name', 'auto'))
     return pred.coarse
 
 def liver_region(pred:Predictor, # a coarse-to-fine model (with `coarse_stage`)
@@ -142,10 +142,11 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
                    tta:bool=False, # flip test-time augmentation
                    postprocess:bool=True, # keep the largest liver component, fill holes, drop tumour specks
                    progress:bool=True, # show a progress bar
-                   probabilities:bool=False # also return the softmax per class (before post-processing)
+                   probabilities:bool=False, # also return the softmax per class (before post-processing)
+                   engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
                   ) -> np.ndarray: # uint8 labels (X, Y, Z) in the volume's own voxel order (and float32 X x Y x Z x n_out probabilities)
     "Segment a volume slice by slice in batches, at full resolution, in canonical orientation; labels in the volume's voxel order"
-    pred = get_predictor(model, device)
+    pred = get_predictor(model, device, engine=engine)
     if not isinstance(volume, CTVolume): volume = CTVolume(np.asarray(volume), None if affine is None else np.asarray(affine, float))
     can = volume if volume.affine is None else to_canonical(volume)
     probs = np.empty(can.shape + (pred.config.get('n_out', 3),), np.uint16) if probabilities else None
@@ -186,12 +187,13 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
                    postprocess:bool=False, # post-process each case's stack of slices
                    encoding:str='012', # '012' or '127' (0/127/255)
                    force:bool=False, # replace an existing output folder
-                   progress:bool=True
+                   progress:bool=True,
+                   engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
                   ) -> Path: # the output folder
     "Predict every slice image of a slice folder; one mask PNG per image, same names"
     from PIL import Image
     if encoding not in _ENCODE: raise LiverSegError('--encoding', f"unknown encoding {encoding!r}: use 012 or 127")
-    pred = get_predictor(model, device)
+    pred = get_predictor(model, device, engine=engine)
     df = find_slice_pairs(folder, masks=False)
     output = Path(output)
     with atomic_path(output, force, inputs=[folder, *df['image']]) as tmp:
@@ -264,7 +266,8 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  series:str|None=None, # DICOM folder: SeriesInstanceUID of the series to segment, when it holds several
                  probabilities:bool=False, # volumes: also write the softmax per class beside each output (`_probabilities.nii.gz`)
                  extras=(), # volumes: (suffix, writer) pairs; `writer(labels, volume, path, force)` writes a file beside each output
-                 writer=None # one volume: `writer(labels, volume, path, force)` writes OUTPUT instead of a NIfTI (e.g. a DICOM SEG)
+                 writer=None, # one volume: `writer(labels, volume, path, force)` writes OUTPUT instead of a NIfTI (e.g. a DICOM SEG)
+                 engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
                 ) -> Path: # the output written
     "Segment INPUT with a model and write OUTPUT in the input's geometry (volumes) or under its names (slices)"
     input, output = Path(input), Path(output)
@@ -283,8 +286,8 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
         if is_nii: raise LiverSegError(output, "a folder of volumes gives a folder of .nii.gz files, not one NIfTI file")
         return predict_volumes(model, input, output, part=part, workers=workers, batch_size=batch_size, device=device, tta=tta,
                                postprocess=postprocess is None or postprocess, force=force, progress=progress, allow_pickle=allow_pickle,
-                               probabilities=probabilities, extras=extras)
-    pred = get_predictor(model, device, allow_pickle)
+                               probabilities=probabilities, extras=extras, engine=engine)
+    pred = get_predictor(model, device, allow_pickle, engine)
     if kind == 'slices':
         if is_nii: raise LiverSegError(output, "a slice folder gives a folder of mask PNGs, not a NIfTI file")
         return predict_slices(pred, input, output, batch_size, device, tta, bool(postprocess), encoding, force, progress)
@@ -335,9 +338,9 @@ def parse_part(part:str) -> tuple: # 'i/n', 1 <= i <= n
 # %% ../nbs/09a_predict.ipynb #099da0c1
 _WORKER = {}
 
-def _worker_init(model, device, allow_pickle, threads):
+def _worker_init(model, device, allow_pickle, threads, engine):
     torch.set_num_threads(threads)
-    _WORKER['pred'] = get_predictor(model, device, allow_pickle)
+    _WORKER['pred'] = get_predictor(model, device, allow_pickle, engine)
 
 def _worker_predict(src, kind, dest, batch_size, tta, postprocess, force, probabilities, extras):
     return _predict_file(_WORKER['pred'], Path(src), kind, Path(dest), batch_size, tta, postprocess, force, False,
@@ -354,7 +357,8 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
                     progress:bool=True, # a line per volume (and a bar per volume with one worker)
                     allow_pickle:bool=False,
                     probabilities:bool=False, # also the softmax per class beside each prediction
-                    extras=() # (suffix, writer) pairs of files beside each prediction (module-level writers, for workers)
+                    extras=(), # (suffix, writer) pairs of files beside each prediction (module-level writers, for workers)
+                    engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
                    ) -> Path: # `out_dir`
     "Segment every volume of `folder` (or share `part` of them) into `out_dir`, one `.nii.gz` per volume"
     import os, time
@@ -380,7 +384,7 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
     say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
     workers = max(1, min(int(workers), len(jobs)))
     if workers == 1:
-        pred = get_predictor(model, device, allow_pickle)
+        pred = get_predictor(model, device, allow_pickle, engine)
         for k, (s, kind, d) in enumerate(jobs):
             t0 = time.time()
             _predict_file(pred, s, kind, d, batch_size, tta, postprocess, force, progress, probabilities=probabilities, extras=extras)
@@ -390,8 +394,9 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     threads = max(1, (os.cpu_count() or 1) // workers)
+    if engine != 'torch': get_predictor(model, 'cpu', allow_pickle, engine)  # export the graph once, not in every worker
     with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn'), initializer=_worker_init,
-                             initargs=(str(model), str(device), allow_pickle, threads)) as ex:
+                             initargs=(str(model), str(device), allow_pickle, threads, engine)) as ex:
         futs = {ex.submit(_worker_predict, str(s), kind, str(d), batch_size, tta, postprocess, force, probabilities, extras): s
                 for s, kind, d in jobs}
         try:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .io import LiverSegError
 from .model import cpu_has_bf16
-from .engine import load_engine
+from .engine import load_engine, TorchEngine
 
 # %% auto #0
 __all__ = ['resolve_device', 'Predictor', 'get_predictor']
@@ -51,7 +51,9 @@ class Predictor:
         # (x / 255 - mean) / std == x * scale + shift
         self.scale = (1 / (255 * std)).view(1, -1, 1, 1).to(self.device)
         self.shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
+        self.engine_name = engine  # what was asked for: a coarse stage loads with the same
         self.engine = load_engine(self.model, config, engine, self.device, self.amp, self.channels_last, folder)
+        if not isinstance(self.engine, TorchEngine): self.model = None  # the engine holds its own copy of the weights
 
     @classmethod
     def from_folder(cls, folder, device='auto', allow_pickle:bool=False, engine:str='auto'):

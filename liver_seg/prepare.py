@@ -130,7 +130,7 @@ def write_slices(hu,             # HU of the slices in display orientation, N x 
                  stems,          # N output names, `{case}_{slice:04d}`
                  out,            # the output folder (with `images/` and `masks/`)
                  fmt='jpg',      # image format: 'jpg' or 'png'
-                 windows=('liver', 'custom'), # two windows (then freqhist: RGB), or one window (8-bit gray)
+                 windows=('lits',), # one window (8-bit gray), or two windows (then freqhist: RGB)
                 ) -> int:        # slices written
     "Write the channel images and label masks of a block of slices"
     out = Path(out)
@@ -253,7 +253,7 @@ def prepare(src,                        # LiTS-style folder, folder of CHAOS-sty
             out,                        # output folder: images/, masks/, prepare.json, manifest.csv
             fmt='jpg',                  # image format: 'jpg' (the seed's, quality 100) or 'png' (exact)
             every=1,                    # export every Nth slice (slices 0, N, 2N, ...)
-            windows=('liver', 'custom'),# two windows (names in `dicom_windows` or (width, level)) and freqhist: RGB; one window: 8-bit gray
+            windows='lits',             # one window: 8-bit gray; two (names in `dicom_windows` or (width, level)): RGB with freqhist
             workers=1,                  # worker processes (<= 0: one per CPU)
             force=False,                # rewrite a finished export
             progress=True,              # a progress bar on stderr, then a line with the counts

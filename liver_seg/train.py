@@ -225,10 +225,13 @@ def _train_coarse(o):
     dest = _coarse_dir(o.out)
     if o.resume and (dest/'config.json').is_file(): return
     keep = ('arch', 'bs', 'lr', 'loss', 'valid_cases', 'valid_pct', 'pretrained', 'weights', 'precision', 'seed', 'context',
-            'fit', 'wd', 'flip', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'every', 'num_workers', 'device', 'cbs', 'progress')
+            'fit', 'wd', 'flip', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
     if o.progress and o.rank == 0: print(f"coarse stage: whole slices at {o.coarse_size} px, {o.coarse_epochs} epochs", flush=True)
-    train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True,
-          **{k: getattr(o, k) for k in keep if k != 'device'}, device=None if o.device is None else str(o.device))
+    try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True,
+               **{k: getattr(o, k) for k in keep}, device=None if o.device is None else str(o.device))
+    except LiverSegError as e:  # the hidden folder is ours: the user asked for OUT
+        if Path(e.path) == dest or dest in Path(e.path).parents: raise LiverSegError(o.out, f"coarse stage: {e.problem}") from None
+        raise
     if o.progress and o.rank == 0: print(f"fine stage: the liver's box at {o.size} px, {o.epochs} epochs", flush=True)
 
 # %% ../nbs/07_train.ipynb #0b5f700a

@@ -41,8 +41,28 @@ def test_prepare_manifest_counts_every_voxel(flow):
         assert tuple(got.loc[case]) == (liver, tumor)
 
 def test_model_folder_is_complete(flow):
+    "The default is coarse to fine: the model folder holds the fine stage and, in coarse/, the coarse stage"
+    import json
     names = {p.name for p in (flow/'model').iterdir()}
-    assert {'weights.safetensors', 'config.json', 'history.csv', 'learner.pkl'} <= names
+    assert {'weights.safetensors', 'config.json', 'history.csv', 'learner.pkl', 'coarse'} <= names
+    assert {'weights.safetensors', 'config.json'} <= {p.name for p in (flow/'model'/'coarse').iterdir()}
+    cfg, coarse = (json.loads((flow/'model'/d/'config.json').read_text()) for d in ('.', 'coarse'))
+    assert cfg['cascade']['coarse'] == 'coarse' and coarse['size'] == 64 and 'cascade' not in coarse
+    assert not any(p.name.startswith('.model') for p in flow.iterdir())  # the hidden coarse folder moved in
+
+
+def test_predict_needs_the_coarse_stage_and_engines_agree(flow, tmp_path):
+    "Without coarse/ a coarse-to-fine model is refused by name; torch and the default engine give the same labels"
+    import shutil
+    vol, _ = write_lits_case(tmp_path, case_id=8, seed=12, **PH)
+    a, b = tmp_path/'a.nii.gz', tmp_path/'b.nii.gz'
+    run('predict', flow/'model', vol, a, '--engine', 'torch', '-q')
+    run('predict', flow/'model', vol, b, '-q')
+    assert np.array_equal(read_labels(a).array, read_labels(b).array)
+    half = tmp_path/'half'; shutil.copytree(flow/'model', half); shutil.rmtree(half/'coarse')
+    r = run('predict', half, vol, tmp_path/'c.nii.gz', ok=False)
+    assert r.returncode == 2 and f"{half/'coarse'}: a coarse-to-fine model needs its coarse stage" in r.stderr
+    assert not (tmp_path/'c.nii.gz').exists()
 
 def test_predict_nifti_keeps_geometry_and_evaluates(flow):
     "A held-out phantom with a non-identity affine predicts onto its own grid; evaluate prints and writes a table"
@@ -233,13 +253,14 @@ def test_evaluate_hd95_conventions(tmp_path):
     assert r.returncode == 2 and 'pooled' in r.stderr and 'monai' in r.stderr
 
 
-def test_one_model_for_gray_slices_and_hu(flow, tmp_path):
-    "HU cases exported through the LiTS window train with a folder of 8-bit slices; the model records the window and segments HU"
+def test_one_model_for_gray_slices_and_hu(tmp_path):
+    "HU cases exported through the LiTS window (prepare's default) train with a folder of 8-bit slices; the model records the window and segments HU"
     import json
     from PIL import Image
     from liver_seg.io import to_display
     from liver_seg.windows import gray_window
-    run('prepare', flow/'lits', tmp_path/'gray', '--format', 'png', '--windows', 'lits', '-q')
+    make_phantom_dataset(tmp_path/'lits', n_cases=3, kind='lits', seed=3, **PH)
+    run('prepare', tmp_path/'lits', tmp_path/'gray', '--format', 'png', '-q')
     eight = tmp_path/'eight'; (eight/'images').mkdir(parents=True); (eight/'masks').mkdir()
     vol, seg = write_lits_case(tmp_path/'src8', case_id=5, seed=21, **PH)    # an 8-bit dataset: other patients, 0/127/255 masks
     hu, lab = read_nifti(vol).array, read_labels(seg).array
@@ -251,9 +272,12 @@ def test_one_model_for_gray_slices_and_hu(flow, tmp_path):
     cfg = json.loads((tmp_path/'model'/'config.json').read_text())
     assert cfg['input']['kind'] == 'image' and cfg['input']['hu_window'] == [400, 50]
     assert cfg['split'] == {'train_cases': ['volume-0', 'volume-1', 'volume-2'], 'valid_cases': ['p5']}
-    assert len(cfg['recipe']['data']) == 2 and cfg['recipe']['n_train'] == 36 and cfg['recipe']['n_valid'] == 12
+    coarse = json.loads((tmp_path/'model'/'coarse'/'config.json').read_text())      # every slice of both folders, whole
+    assert len(cfg['recipe']['data']) == 2 and coarse['recipe']['n_train'] == 36 and coarse['recipe']['n_valid'] == 12
+    assert coarse['input'] == cfg['input']
     out = tmp_path/'hu.nii.gz'
     run('predict', tmp_path/'model', vol, out, '-q')                             # a HU volume: through the recorded window
     assert read_labels(out).shape == hu.shape
-    r = run('train', flow/'slices', eight, '--out', tmp_path/'mixed', '--no-pretrained', '-q', ok=False)
+    run('prepare', tmp_path/'lits', tmp_path/'rgb', '--format', 'png', '--windows', 'liver,custom', '-q')  # the seed's 3 channels
+    r = run('train', tmp_path/'rgb', eight, '--out', tmp_path/'mixed', '--no-pretrained', '-q', ok=False)
     assert r.returncode == 2 and str(eight) in r.stderr and '--windows lits' in r.stderr and not (tmp_path/'mixed').exists()
