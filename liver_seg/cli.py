@@ -63,6 +63,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
           precision:Annotated[str, dict(metavar='P')]=None, # auto (default), fp32, bf16 or fp16
           seed:_N=None,            # random seed (default: 42)
           context:_N=None,         # 1: neighbouring slices as the three channels (2.5D, 8-bit slice data)
+          cascade:Annotated[bool, dict(help="one stage on whole slices instead of coarse to fine")]=True, # coarse to fine: a coarse stage finds the liver, this model segments its box
           config:_File=None,       # YAML or JSON file with any of these options
           resume:bool=False,       # continue the interrupted run of OUT (same options) from its last finished epoch
           force:bool=False,        # replace an existing model folder
@@ -73,10 +74,11 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
     if out is None: raise LiverSegError(data[0], "no model folder given; use --out MODEL_DIR")
     kw = load_train_config(config) if config else {}
     given = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, valid_cases=_csv(valid_cases),
-                 pretrained=pretrained, weights=weights, precision=precision, seed=seed, context=context,
+                 pretrained=pretrained, weights=weights, precision=precision, seed=seed, context=context, cascade=cascade,
                  resume=resume, force=force)
     kw.update({k:v for k,v in given.items() if v is not None})
     if config and pretrained: kw['pretrained'] = load_train_config(config).get('pretrained', True) # only --no-pretrained overrides the file
+    if config and cascade: kw['cascade'] = load_train_config(config).get('cascade', True) # only --no-cascade overrides the file
     folder = _train(data[0] if len(data) == 1 else data, out=out, progress=not Quiet, **kw)
     if os.environ.get('RANK', '0') == '0': print(f"model folder: {folder}") # once under torchrun
     return folder

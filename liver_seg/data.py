@@ -310,7 +310,12 @@ def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.pn
     attrs = dict(items.attrs)
     splitter = CaseSplitter(valid_cases, valid_pct, seed)
     split = splitter.split_record(items)
-    if liver_crop is not None: items = liver_crop_rows(items, liver_crop, valid_cases=split['valid_cases'], seed=seed)
+    if liver_crop is not None:  # a case without liver has no slices for the fine stage: validate on those that have
+        items = liver_crop_rows(items, liver_crop, valid_cases=split['valid_cases'], seed=seed)
+        kept = set(items['case'].astype(str))
+        if not kept & set(split['valid_cases']): raise LiverSegError(','.join(split['valid_cases']), "no validation case holds liver: the fine stage has nothing to validate on")
+        if not kept - set(split['valid_cases']): raise LiverSegError(','.join(split['train_cases']), "no training case holds liver: the fine stage has nothing to learn from")
+        splitter = CaseSplitter([c for c in split['valid_cases'] if c in kept], valid_pct, seed)
     spec = input_spec(path, context)
     get_x, get_y = SliceImage(context), SliceMask(attrs['mask_encoding'])
     train_rows = items[~items.case.astype(str).isin(split['valid_cases'])]
