@@ -15,7 +15,7 @@ from liver_seg.predict import predict_path
 from liver_seg.synth import make_phantom_dataset, write_chaos_case, write_lits_case
 from liver_seg.train import train
 from liver_seg.viewer import load_case
-from liver_seg.windows import slice_channels
+from liver_seg.windows import gray_window
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_IO = ROOT.parent/'shared'/'data'/'real-ct-io'/'totalsegmentator_example'
@@ -122,7 +122,7 @@ def test_phantom_slices_from_prepare_and_viewer_are_radiological(tmp_path):
         raw = np.asarray(Image.open(tmp_path/f'slices{n}'/'masks'/f'volume-{n}_{k:04d}.png'))
         assert set(np.unique(raw)) <= {0, 1, 2}
         assert np.array_equal(written, labs[..., k])                     # prepare writes what the viewer shows
-        assert np.array_equal(read_image(tmp_path/f'slices{n}'/'images'/f'volume-{n}_{k:04d}.png'), slice_channels(hu))
+        assert np.array_equal(read_image(tmp_path/f'slices{n}'/'images'/f'volume-{n}_{k:04d}.png'), gray_window(hu))  # prepare's default: the lits window
 
 
 needs_real = pytest.mark.skipif(not REAL_IO.is_dir(), reason="../shared/data/real-ct-io is not beside the project")
@@ -173,5 +173,5 @@ def test_real_dicom_case_through_prepare_is_radiological(tmp_path):
     k = int(np.argmax((labs == 5).sum((0, 1))))
     mask = read_mask(tmp_path/'slices'/'masks'/f'case1_{k:04d}.png')
     assert np.array_equal(mask, (labs[..., k] == 5).astype(np.uint8))
-    assert np.array_equal(read_image(tmp_path/'slices'/'images'/f'case1_{k:04d}.png'), slice_channels(imgs[..., k]))
+    assert np.array_equal(read_image(tmp_path/'slices'/'images'/f'case1_{k:04d}.png'), gray_window(imgs[..., k]))
     _spine_below_liver_left(mask > 0, (labs[..., k] >= 26) & (labs[..., k] <= 50))
