@@ -10,7 +10,7 @@ from PIL import Image
 from liver_seg.prepare import prepare
 from liver_seg.io import LiverSegError, find_slice_pairs, read_image, read_mask, to_display
 from liver_seg.synth import canonical_phantom, write_chaos_case, write_lits_case
-from liver_seg.windows import slice_channels
+from liver_seg.windows import gray_window
 
 ROOT = Path(__file__).parents[1]
 SHAPE = (96, 96, 24)
@@ -47,7 +47,7 @@ def test_one_image_and_mask_per_slice_with_exact_counts(lits, tmp_path):
             mask = read_mask(out/rows.iloc[k]['mask'])
             assert mask.shape == (SHAPE[1], SHAPE[0])           # full resolution, display orientation
             assert np.array_equal(mask, to_display(lab[:, :, k]))
-            assert np.array_equal(read_image(out/rows.iloc[k].image), slice_channels(to_display(hu[:, :, k])))
+            assert np.array_equal(read_image(out/rows.iloc[k].image), gray_window(to_display(hu[:, :, k])))  # the lits window
     pairs = find_slice_pairs(out)                                # the output is a slice folder liver_seg.io reads
     assert len(pairs) == len(df)
 
@@ -72,8 +72,12 @@ def test_rerun_restores_exactly_the_deleted_files(lits, tmp_path):
 
 
 def test_workers_write_the_same_bytes(lits, tmp_path):
-    one = prepare(lits, tmp_path/'w1', fmt='jpg', progress=False)
-    two = prepare(lits, tmp_path/'w2', fmt='jpg', workers=2, progress=False)
+    one = prepare(lits, tmp_path/'w1', fmt='jpg', windows=('liver', 'custom'), progress=False)    # the seed's RGB channels
+    two = prepare(lits, tmp_path/'w2', fmt='jpg', windows=('liver', 'custom'), workers=2, progress=False)
+    assert files(tmp_path/'w1') == files(tmp_path/'w2')
+    gray1, gray2 = (prepare(lits, tmp_path/f'g{w}', fmt='jpg', workers=w, progress=False) for w in (1, 2))  # the default
+    assert files(tmp_path/'g1') == files(tmp_path/'g2') and gray1.read_bytes() == gray2.read_bytes()
+    assert Image.open(tmp_path/'g2'/'images'/'volume-0_0012.jpg').mode == 'L'
     assert files(tmp_path/'w1') == files(tmp_path/'w2')
     assert one.read_bytes() == two.read_bytes()
     img = Image.open(tmp_path/'w2'/'images'/'volume-0_0012.jpg')
@@ -85,7 +89,7 @@ def test_jpeg_is_the_seeds_save_jpg(lits, tmp_path):
     import torch
     from fastai.medical.imaging import dicom_windows  # noqa: F401 (patches Tensor.save_jpg)
     out = tmp_path/'out'
-    prepare(lits, out, fmt='jpg', progress=False)
+    prepare(lits, out, fmt='jpg', windows=('liver', 'custom'), progress=False)
     hu, _, _ = canonical_phantom(shape=SHAPE, seed=11)
     for k in (3, 12):
         x = torch.from_numpy(np.ascontiguousarray(to_display(hu[:, :, k]), dtype=np.float32))
@@ -103,7 +107,7 @@ def test_chaos_cases(tmp_path):
     rows = df[df.case.astype(str) == '2']
     assert rows.liver_px.sum() == (lab == 1).sum() and rows.tumor_px.sum() == (lab == 2).sum() > 0
     assert np.array_equal(read_mask(tmp_path/'out'/'masks'/'2_0006.png'), to_display(lab[:, :, 6]))
-    assert np.array_equal(read_image(tmp_path/'out'/'images'/'2_0006.png'), slice_channels(to_display(hu[:, :, 6])))
+    assert np.array_equal(read_image(tmp_path/'out'/'images'/'2_0006.png'), gray_window(to_display(hu[:, :, 6])))
     _, lab10, _ = canonical_phantom(shape=(64, 56, 8), seed=22)                 # liver-only masks: tumour counted as liver
     assert df[df.case.astype(str) == '10'].tumor_px.sum() == 0
     assert df[df.case.astype(str) == '10'].liver_px.sum() == (lab10 > 0).sum()

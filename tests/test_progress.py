@@ -62,7 +62,10 @@ def test_train_table_in_a_pipe(slices, tmp_path):
     assert '█' not in r.stdout and '\r' not in r.stdout
     lines = r.stdout.splitlines()
     assert lines[-1] == f"model folder: {tmp_path/'model'}"
-    table = lines[:-1]
+    assert lines[0] == 'coarse stage: whole slices at 64 px, 6 epochs', r.stdout   # coarse to fine: two tables, each named
+    fine = next(i for i, l in enumerate(lines) if l.startswith('fine stage: '))
+    assert fine == 1 + 1 + 6 and lines[fine].startswith("fine stage: the liver's box at"), r.stdout
+    table = lines[fine + 1:-1]
     assert len(table) == 1 + 2, r.stdout                   # the header and one line per epoch
     assert all(len(l) <= 100 for l in table), r.stdout
     header = table[0].split()
