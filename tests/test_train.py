@@ -28,7 +28,8 @@ def trained(toy, tmp_path_factory):
     "A resnet34 U-Net trained from scratch for 3 short epochs at 32 px on the toy slices (lr 3e-3 diverges here: the loss rose)"
     out = tmp_path_factory.mktemp('models')/'m'
     return train(toy, out, arch='resnet34', size=32, epochs=3, bs=8, lr=1e-3, valid_cases=['3'],
-                 pretrained=False, progress=False, loss='ce', tumor_weight=0, context=0) # one slice per input: learn.predict(path) below
+                 pretrained=False, progress=False, loss='ce', tumor_weight=0, context=0, # one slice per input: learn.predict(path) below
+                 cascade=False) # one stage: this file checks one model's folder, learner and checkpoints (coarse to fine: test_cli)
 
 
 def test_short_run_lowers_loss_and_writes_folder(trained):
@@ -135,7 +136,7 @@ def _history_rows(f):
 
 
 def test_kill_9_leaves_no_model_folder_and_resume_finishes(toy, tmp_path):
-    "SIGKILL mid-run: no model folder, the run folder keeps the finished epochs; --resume completes the same schedule"
+    "SIGKILL mid-run (in the fine stage): no model folder, the run folder keeps the finished epochs; --resume keeps the coarse stage and completes the same schedule"
     import signal, time
     out = tmp_path/'model'
     args = [sys.executable, '-m', 'liver_seg', 'train', toy, '--out', out, '--arch', 'simple_cnn', '--size', '32',
@@ -161,21 +162,22 @@ def test_kill_9_leaves_no_model_folder_and_resume_finishes(toy, tmp_path):
     np.testing.assert_allclose(h[cols].iloc[:done].to_numpy(), before[cols].iloc[:done].to_numpy(), rtol=1e-6)
     assert json.loads((out/'config.json').read_text())['recipe']['resumed_at_epoch'] == done
     assert not run.exists() and not any(p.name.startswith('.') for p in tmp_path.iterdir())
-    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'history.csv', 'learner.pkl', 'learning_curves.png', 'weights.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == ['coarse', 'config.json', 'history.csv', 'learner.pkl', 'learning_curves.png', 'weights.safetensors']
+    assert json.loads((out/'coarse'/'config.json').read_text())['recipe'].get('resumed_at_epoch') is None  # the finished coarse stage was kept, not retrained
 
 
 @pytest.fixture(scope='module')
 def default_unet(toy, tmp_path_factory):
     "A folder trained with fastai's default U-Net options (resnet18, 32 px, 1 epoch)"
     return train(toy, tmp_path_factory.mktemp('unet')/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'],
-                 pretrained=False, progress=False)
+                 pretrained=False, progress=False, cascade=False)
 
 
 @pytest.mark.parametrize('option', [{'last_cross': False}, {'bottle': True}])
 def test_lighter_unet_option_is_saved_and_reloads(toy, tmp_path, default_unet, option):
     "last_cross=False / bottle=True build a lighter U-Net, say so in config.json, and the folder reloads to that network"
     m = train(toy, tmp_path/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'], pretrained=False,
-              progress=False, **option)
+              progress=False, cascade=False, **option)
     cfg = json.loads((m/'config.json').read_text())
     (k, v), = option.items()
     assert cfg['arch_kwargs'] == option and cfg['recipe'][k] is v
@@ -194,7 +196,7 @@ def test_crop_trains_on_patches_and_predicts_whole_slices(toy, tmp_path):
     class Shapes(Callback):
         def before_batch(self): seen.setdefault('train' if self.training else 'valid', tuple(self.xb[0].shape[-2:]))
     m = train(toy, tmp_path/'m', arch='resnet18', size=32, crop=16, epochs=1, bs=8, valid_cases=['3'], pretrained=False,
-              progress=False, cbs=[Shapes()])
+              progress=False, cbs=[Shapes()], cascade=False)  # random patches of whole slices: one stage
     assert seen == {'train': (16, 16), 'valid': (32, 32)}
     cfg = json.loads((m/'config.json').read_text())
     assert cfg['size'] == 32 and cfg['recipe']['crop'] == 16
