@@ -15,9 +15,10 @@ from fastcore.basics import patch
 from .io import LiverSegError
 from .model import cpu_has_bf16
 from .engine import load_engine, TorchEngine
+from .crops import liver_box, largest_component, scale_box, grow_box
 
 # %% auto #0
-__all__ = ['resolve_device', 'Predictor', 'get_predictor']
+__all__ = ['resolve_device', 'Predictor', 'get_predictor', 'coarse_stage', 'liver_region', 'slab_labels']
 
 # %% ../nbs/09_predictor.ipynb #5bf48594
 def resolve_device(device='auto') -> torch.device:
@@ -123,3 +124,57 @@ def labels(self:Predictor,
     labels = out.argmax(1).to(torch.uint8).cpu().numpy()
     if not probabilities: return labels
     return labels, (out if tta else out.softmax(1)).cpu().numpy()  # with tta the output is already probabilities
+
+# %% ../nbs/09_predictor.ipynb #9f26a8bb
+def coarse_stage(pred:Predictor) -> Predictor|None:
+    "The coarse stage of a coarse-to-fine model (its `coarse/` folder, loaded once), or None for a one-stage model"
+    if not pred.config.get('cascade'): return None
+    if getattr(pred, 'coarse', None) is None:
+        folder = Path(pred.source).parent/pred.config['cascade'].get('coarse', 'coarse')
+        if not (folder/'config.json').is_file():
+            raise LiverSegError(folder, "a coarse-to-fine model needs its coarse stage here (config.json and weights); the model folder is incomplete")
+        pred.coarse = Predictor.from_folder(folder, device=pred.device, engine=getattr(pred, 'engine_name', 'auto'))
+    return pred.coarse
+
+def liver_region(pred:Predictor, # a coarse-to-fine model (with `coarse_stage`)
+                 batch_of,       # function: slice indices -> uint8 N x H x W x C model inputs (display orientation)
+                 n:int,          # number of slices
+                 batch_size:int=16
+                ) -> tuple|None: # (z0, z1, r0, r1, c0, c1) at the slices' resolution, or None where no liver is found
+    "The box around the liver that the coarse stage finds: every slice at its low resolution, the largest component"
+    coarse, cas = coarse_stage(pred), pred.config['cascade']
+    low = hw = None
+    for k0 in range(0, n, batch_size):
+        ks = np.arange(k0, min(k0 + batch_size, n))
+        imgs = batch_of(ks)
+        fg = coarse.scores(imgs).argmax(1).cpu().numpy() > 0
+        if low is None: low, hw = np.zeros((n,) + fg.shape[1:], bool), imgs.shape[1:3]
+        low[ks] = fg
+    box = liver_box(largest_component(low), cas.get('margin', 0.05), cas.get('z_margin', 2), square=False)
+    if box is None: return None
+    z0, z1, *plane = scale_box(box, low.shape[1:], hw)  # squished slices: square only at the slices' own size
+    return (z0, z1, *grow_box(plane, 0, hw))
+
+def slab_labels(pred:Predictor, # model; with a coarse stage only the liver's box is labelled
+                batch_of,       # function: slice indices -> uint8 N x H x W x C model inputs (display orientation)
+                n:int,          # number of slices
+                batch_size:int=16, tta:bool=False, probabilities:bool=False, progress:bool=False):
+    "Yield (slice indices, uint8 N x H x W labels, float32 N x C x H x W probabilities or None) slab by slab; slices not yielded are background"
+    region = liver_region(pred, batch_of, n, batch_size) if pred.config.get('cascade') else (0, n, None, None, None, None)
+    if region is None: return
+    z0, z1, r0, r1, c0, c1 = region
+    starts = range(z0, z1, batch_size)
+    for k0 in _progress(starts, progress and len(starts) > 1):
+        ks = np.arange(k0, min(k0 + batch_size, z1))
+        imgs = batch_of(ks)
+        if r0 is None:
+            res = pred.labels(imgs, tta, probabilities=probabilities)
+            yield (ks, *res) if probabilities else (ks, res, None)
+            continue
+        res = pred.labels(np.ascontiguousarray(imgs[:, r0:r1, c0:c1]), tta, probabilities=probabilities)
+        lab = np.zeros(imgs.shape[:3], np.uint8)
+        lab[:, r0:r1, c0:c1] = res[0] if probabilities else res
+        if not probabilities: yield ks, lab, None; continue
+        p = np.zeros((len(ks), res[1].shape[1]) + imgs.shape[1:3], np.float32); p[:, 0] = 1  # background outside the box
+        p[:, :, r0:r1, c0:c1] = res[1]
+        yield ks, lab, p
