@@ -120,7 +120,7 @@ def data_items(path, # one slice folder, or a list of slice folders trained on t
 def _cut(a, item):
     "The slice (image or mask array) cut to the row's `box` (r0, r1, c0, c1) when it has one (the fine stage's crops)"
     box = None if isinstance(item, (str, Path)) else item.get('box')
-    if box is None or (isinstance(box, float) and np.isnan(box)): return a
+    if box is None: return a
     r0, r1, c0, c1 = box
     return a[r0:r1, c0:c1]
 

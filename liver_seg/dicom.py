@@ -231,45 +231,54 @@ def is_ircadb_case(folder:Path) -> bool:
     folder = Path(folder)
     return (folder/IRCADB_SERIES).is_dir() and ((folder/IRCADB_MASKS).is_dir() or (folder/f'{IRCADB_MASKS}.zip').is_file())
 
-def _ircadb_masks(folder:Path) -> dict:
-    "{structure: [(name, function returning a readable file)]} of a case's masks, from the folder or else the zip"
-    import io, zipfile
-    mdir, mzip = folder/IRCADB_MASKS, folder/f'{IRCADB_MASKS}.zip'
+def _ircadb_masks(folder:Path, zf=None) -> dict:
+    "{structure: [(name, function returning a readable file)]} of a case's masks, from the folder or else the open zip `zf`"
+    import io
     found = {}
-    if mdir.is_dir():
-        for d in sorted(p for p in mdir.iterdir() if p.is_dir()):
+    if zf is None:
+        for d in sorted(p for p in (folder/IRCADB_MASKS).iterdir() if p.is_dir()):
             found[d.name] = [(f, (lambda f=f: f)) for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith('.')]
         return found
-    try: z = zipfile.ZipFile(mzip)
-    except (zipfile.BadZipFile, OSError) as e: raise LiverSegError(mzip, f"not a readable zip file ({e})") from None
-    for name in sorted(z.namelist()):
+    for name in sorted(zf.namelist()):
         parts = name.strip('/').split('/')
         if name.endswith('/') or len(parts) < 2 or parts[-1].startswith('.'): continue
-        found.setdefault(parts[-2], []).append((mzip/name, (lambda name=name: io.BytesIO(z.read(name)))))
+        found.setdefault(parts[-2], []).append((folder/f'{IRCADB_MASKS}.zip'/name, (lambda name=name: io.BytesIO(zf.read(name)))))
     return found
+
+def _open_masks_zip(folder:Path):
+    "The case's `MASKS_DICOM.zip`, open, or a null context when the masks are an unzipped folder"
+    import contextlib, zipfile
+    if (folder/IRCADB_MASKS).is_dir(): return contextlib.nullcontext()
+    try: return zipfile.ZipFile(folder/f'{IRCADB_MASKS}.zip')
+    except (zipfile.BadZipFile, OSError) as e: raise LiverSegError(folder/f'{IRCADB_MASKS}.zip', f"not a readable zip file ({e})") from None
+
+def _paint_mask(labels:np.ndarray, files:list, value:int, pos:np.ndarray, normal:np.ndarray, tol:float):
+    "Set `value` in `labels` where one structure's mask series is on, each mask slice at the CT slice of its position"
+    import pydicom
+    for path, open_ in files:
+        try:
+            ds = pydicom.dcmread(open_())
+            z, px = np.dot(np.array(ds.ImagePositionPatient, float), normal), ds.pixel_array
+        except Exception as e: raise LiverSegError(path, f"not a readable DICOM mask ({type(e).__name__}: {e})") from None
+        k = int(np.argmin(np.abs(pos - z)))
+        if abs(pos[k] - z) > tol: raise LiverSegError(path, f"mask slice at {z:.2f} mm along the slice normal matches no CT slice")
+        if px.shape != labels.shape[:2][::-1]: raise LiverSegError(path, f"mask is {px.shape}, CT slice is {labels.shape[1]}x{labels.shape[0]}")
+        np.maximum(labels[:, :, k], (px.T > 0).astype(np.uint8)*value, out=labels[:, :, k])
 
 def read_ircadb_case(folder # a 3D-IRCADb case folder (`3Dircadb1.N`): `PATIENT_DICOM/` + `MASKS_DICOM/` or `MASKS_DICOM.zip`
                     ) -> tuple: # (CTVolume in HU, uint8 labels 0/1/2 in the volume's (X, Y, Z) order)
     "Read a 3D-IRCADb case: its CT series, `liver` as liver and the union of `livertumor*` as tumour; other structures are left out"
-    import pydicom
     folder = Path(folder)
     if not is_ircadb_case(folder): raise LiverSegError(folder, f"not a 3D-IRCADb case: expected {IRCADB_SERIES}/ and {IRCADB_MASKS}/ or {IRCADB_MASKS}.zip")
     vol, hdrs = _dcm_read(folder/IRCADB_SERIES)
-    masks = _ircadb_masks(folder)
-    if 'liver' not in masks: raise LiverSegError(folder/IRCADB_MASKS, f"no liver mask among {', '.join(masks) or 'no structures'}")
     iop = np.array(hdrs[0][1].ImageOrientationPatient, float)
     normal = np.cross(iop[:3], iop[3:])
     pos = np.array([np.dot(np.array(ds.ImagePositionPatient, float), normal) for _, ds in hdrs])
     tol = 0.1*float(np.median(np.diff(pos))) if len(pos) > 1 else 1e-3
     labels = np.zeros(vol.shape, np.uint8)
-    for name in ['liver'] + sorted(s for s in masks if IRCADB_TUMOUR.fullmatch(s)):
-        for path, open_ in masks[name]:
-            try:
-                ds = pydicom.dcmread(open_())
-                z, px = np.dot(np.array(ds.ImagePositionPatient, float), normal), ds.pixel_array
-            except Exception as e: raise LiverSegError(path, f"not a readable DICOM mask ({type(e).__name__}: {e})") from None
-            k = int(np.argmin(np.abs(pos - z)))
-            if abs(pos[k] - z) > tol: raise LiverSegError(path, f"mask slice at {z:.2f} mm along the slice normal matches no CT slice")
-            if px.shape != vol.shape[:2][::-1]: raise LiverSegError(path, f"mask is {px.shape}, CT slice is {vol.shape[1]}x{vol.shape[0]}")
-            np.maximum(labels[:, :, k], (px.T > 0).astype(np.uint8)*(1 if name == 'liver' else 2), out=labels[:, :, k])
+    with _open_masks_zip(folder) as zf:  # closed again however the reading ends
+        masks = _ircadb_masks(folder, zf)
+        if 'liver' not in masks: raise LiverSegError(folder/IRCADB_MASKS, f"no liver mask among {', '.join(masks) or 'no structures'}")
+        for name in ['liver'] + sorted(s for s in masks if IRCADB_TUMOUR.fullmatch(s)):
+            _paint_mask(labels, masks[name], 1 if name == 'liver' else 2, pos, normal, tol)
     return vol, labels
