@@ -242,9 +242,9 @@ def input_spec(path, # a slice folder, or a list of slice folders trained on tog
     "The `input` section of `config.json`: 'hu_windows' for `prepare`'s window channels, else 'image' (gray, with the HU window they stand for where known)"
     folders = data_folders(path)
     specs = [_folder_spec(p, context) for p in folders]
+    what = lambda s: f"window channels {s['windows']}" if s['kind'] == 'hu_windows' else "8-bit gray slices"
     for p, s in zip(folders[1:], specs[1:]):
-        if s['kind'] != specs[0]['kind'] or (s['kind'] == 'hu_windows' and s['windows'] != specs[0]['windows']):
-            what = lambda s: (f"window channels {s['windows']}" if s['kind'] == 'hu_windows' else "8-bit gray slices")
+        if what(s) != what(specs[0]):
             raise LiverSegError(p, f"holds {what(s)}, {folders[0]} holds {what(specs[0])}: one model needs one input; "
                                 "export HU cases with `liver-seg prepare --windows lits` to train them with 8-bit gray slices")
     stated = {tuple(s['hu_window']) for s in specs if 'hu_window' in s}

@@ -155,6 +155,13 @@ def liver_region(pred:Predictor, # a coarse-to-fine model (with `coarse_stage`)
     z0, z1, *plane = scale_box(box, low.shape[1:], hw)  # squished slices: square only at the slices' own size
     return (z0, z1, *grow_box(plane, 0, hw))
 
+def _into_box(a:np.ndarray, shape:tuple, plane:tuple, background) -> np.ndarray:
+    "Labels (N x h x w) or probabilities (N x C x h x w) of a box put into whole slices of `shape`; outside it, background"
+    out = np.zeros(shape, a.dtype)
+    if a.ndim == 4: out[:, 0] = background  # class 0 (background) has all the probability outside the box
+    out[(..., *plane)] = a
+    return out
+
 def slab_labels(pred:Predictor, # model; with a coarse stage only the liver's box is labelled
                 batch_of,       # function: slice indices -> uint8 N x H x W x C model inputs (display orientation)
                 n:int,          # number of slices
@@ -167,14 +174,10 @@ def slab_labels(pred:Predictor, # model; with a coarse stage only the liver's bo
     for k0 in _progress(starts, progress and len(starts) > 1):
         ks = np.arange(k0, min(k0 + batch_size, z1))
         imgs = batch_of(ks)
-        if r0 is None:
-            res = pred.labels(imgs, tta, probabilities=probabilities)
-            yield (ks, *res) if probabilities else (ks, res, None)
-            continue
-        res = pred.labels(np.ascontiguousarray(imgs[:, r0:r1, c0:c1]), tta, probabilities=probabilities)
-        lab = np.zeros(imgs.shape[:3], np.uint8)
-        lab[:, r0:r1, c0:c1] = res[0] if probabilities else res
-        if not probabilities: yield ks, lab, None; continue
-        p = np.zeros((len(ks), res[1].shape[1]) + imgs.shape[1:3], np.float32); p[:, 0] = 1  # background outside the box
-        p[:, :, r0:r1, c0:c1] = res[1]
+        plane = (slice(r0, r1), slice(c0, c1))  # the whole slice for a one-stage model (r0 is None)
+        res = pred.labels(np.ascontiguousarray(imgs[:, plane[0], plane[1]]), tta, probabilities=probabilities)
+        lab, p = res if probabilities else (res, None)
+        if r0 is not None:  # back into whole slices, background outside the box
+            lab = _into_box(lab, imgs.shape[:3], plane, 0)
+            if p is not None: p = _into_box(p, (len(ks), p.shape[1]) + imgs.shape[1:3], plane, 1.)
         yield ks, lab, p
