@@ -51,7 +51,8 @@ def _face_pairs(prev, first, structure):
 def select_components(mask, # boolean volume (X, Y, Z)
                       keep, # keep(sizes, border) -> boolean array: which components to keep
                       structure=None, # connectivity (default: faces, as `ndimage.label`)
-                      slab_voxels:int=1 << 24 # voxels labelled at once
+                      slab_voxels:int=1 << 24, # voxels labelled at once
+                      invert:bool=False # components of the background (`~mask`), inverted a slab at a time
                      ) -> np.ndarray: # boolean volume: the voxels of the kept components
     "Voxels of the connected components of `mask` chosen by `keep`, labelled slab by slab in bounded memory"
     from scipy.sparse import coo_matrix
@@ -60,10 +61,11 @@ def select_components(mask, # boolean volume (X, Y, Z)
     structure = ndi.generate_binary_structure(3, 1) if structure is None else np.asarray(structure, bool)
     depth = max(1, slab_voxels // max(X * Y, 1))
     bounds = [(k, min(k + depth, Z)) for k in range(0, Z, depth)]
+    slab = (lambda k0, k1: ~mask[:, :, k0:k1]) if invert else (lambda k0, k1: mask[:, :, k0:k1])
     offs, sizes, border, edges, prev, lab = [], [], [], [], None, None
     n_all = 0
     for k0, k1 in bounds:
-        lab, n = _label(mask[:, :, k0:k1], structure)
+        lab, n = _label(slab(k0, k1), structure)
         b = np.zeros(n + 1, bool)
         for face in (lab[0], lab[-1], lab[:, 0], lab[:, -1]): b[face] = True
         if k0 == 0: b[lab[:, :, 0]] = True
@@ -83,7 +85,7 @@ def select_components(mask, # boolean volume (X, Y, Z)
     out = np.zeros(mask.shape, bool)
     offs.append(n_all)
     for i, (k0, k1) in enumerate(bounds):
-        if len(bounds) > 1: lab, _ = _label(mask[:, :, k0:k1], structure)
+        if len(bounds) > 1: lab, _ = _label(slab(k0, k1), structure)
         lut = np.concatenate([[False], chosen[comp[offs[i]:offs[i + 1]]]])
         out[:, :, k0:k1] = lut[lab]
     return out
@@ -92,15 +94,16 @@ def select_components(mask, # boolean volume (X, Y, Z)
 def _largest(sizes, border): return np.arange(len(sizes)) == np.argmax(sizes)
 
 def _fill(mask, mode, slab_voxels=1 << 24):
-    "Fill holes of a boolean volume in 3D or per slice (last axis)"
+    "Fill holes of a boolean volume, in place, in 3D or per slice (last axis), within the mask's own box"
+    box = mask_bbox(mask)  # a hole never reaches outside it: a tumour's holes are filled in the tumour's box
+    if box is None: return mask
+    sub = mask[box]
     if mode == '3d':  # holes: background components not touching the border
-        res = select_components(~mask, lambda sizes, border: ~border, slab_voxels=slab_voxels)
-        res |= mask
-        return res
-    out = mask.copy()
-    for k in range(mask.shape[2]):
-        if mask[:, :, k].any(): out[:, :, k] = ndi.binary_fill_holes(mask[:, :, k])
-    return out
+        sub |= select_components(sub, lambda sizes, border: ~border, slab_voxels=slab_voxels, invert=True)
+        return mask
+    for k in range(sub.shape[2]):
+        if sub[:, :, k].any(): sub[:, :, k] = ndi.binary_fill_holes(sub[:, :, k])
+    return mask
 
 # %% ../nbs/08_postprocess.ipynb #779cc266
 def postprocess(labels, # uint8 label volume (X, Y, Z): 0 background, 1 liver, 2 tumour
