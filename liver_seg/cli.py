@@ -88,7 +88,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             input:str,              # NIfTI file, DICOM folder, slice folder, or a folder of volumes
             output:str,             # .nii.gz for a volume; a folder for slices (mask PNGs) or for a folder of volumes
             device:Annotated[str, dict(metavar='DEVICE')]='auto', # auto, cpu or cuda
-            batch_size:_N=16,       # slices per forward pass
+            batch_size:_N=8,        # slices per forward pass
             tta:bool=False,         # average with the left-right flipped slice
             postprocess:Annotated[bool, dict(help="volumes: write the network's labels without the post-processing "
                                              "(largest liver component, tumour inside it, holes filled); slice folders never get it")]=True, # volumes: keep the largest liver component, tumour inside it, fill holes
@@ -101,7 +101,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             preview:bool=False,     # volumes: also OUTPUT's name + .png, a montage through the liver with the labels outlined
             probabilities:bool=False, # volumes: also OUTPUT's name + _probabilities.nii.gz, the softmax per class (before post-processing)
             format:Annotated[str, dict(choices=['nifti', 'dicom-seg'])]='nifti', # dicom-seg: OUTPUT.dcm, a DICOM Segmentation of a DICOM series
-            engine:Annotated[str, dict(choices=['auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16'])]='auto', # CPU inference engine: auto = OpenVINO f32 where the cpu-engine extra is installed, else torch
+            engine:Annotated[str, dict(metavar='ENGINE', choices=['auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16'])]='auto', # CPU inference engine: auto, torch, openvino, onnxruntime or openvino-bf16; auto = OpenVINO f32 where the cpu-engine extra is installed, else torch
             force:bool=False,       # replace an existing output (never an input)
             Quiet:bool=False):      # no progress bars or per-volume lines: only the last line
     "Segment a CT volume or a slice folder with a trained model"

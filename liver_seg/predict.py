@@ -12,13 +12,13 @@ import nibabel as nib
 import torch
 from .io import (find_inputs, READERS, LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, nifti_stem)
-from .windows import volume_channels, gray_window, display_stack, DEFAULT_WINDOWS
+from .windows import volume_channels, gray_window, DEFAULT_WINDOWS
 from .slices import MASK_VALUES
-from .predictor import Predictor, get_predictor, _progress, slab_labels
+from .predictor import Predictor, get_predictor, _progress, slab_labels, PREDICT_BATCH
 
 # %% auto #0
-__all__ = ['PROB_SCALE', 'predict_volume', 'predict_slices', 'side_path', 'write_probabilities', 'predict_path', 'volume_files',
-           'prediction_name', 'parse_part', 'predict_volumes']
+__all__ = ['PROB_SCALE', 'model_volume', 'predict_volume', 'predict_slices', 'side_path', 'write_probabilities', 'predict_path',
+           'volume_files', 'prediction_name', 'parse_part', 'predict_volumes']
 
 # %% ../nbs/09a_predict.ipynb #04ab10cb
 def _check_orientation(pred:Predictor):
@@ -48,6 +48,17 @@ def _gray_channels(g, ks, context, n_in):
         return np.moveaxis(g[idx], 1, -1)  # N x 3 x H x W -> N x H x W x 3
     return np.repeat(g[ks][..., None], n_in, -1)
 
+def model_volume(pred:Predictor, # the model the volume is for
+                 can:CTVolume # a volume in canonical voxel order
+                ) -> CTVolume: # `can` itself, or for an 8-bit model given HU, its uint8 gray levels (same geometry)
+    "What the network reads, made once: a HU volume through an `image` model's recorded window, slab by slab"
+    arr = can.array
+    _check_input(pred, arr, can.path or 'volume')
+    if pred.kind != 'image' or arr.dtype == np.uint8: return can
+    gray, window = np.empty(arr.shape, np.uint8), pred.config['input']['hu_window']
+    for k0 in range(0, arr.shape[2], 32): gray[:, :, k0:k0 + 32] = gray_window(arr[:, :, k0:k0 + 32], window)  # no float32 volume
+    return CTVolume(gray, can.affine, None, can.path)
+
 def _volume_batch(pred:Predictor, arr, ks):
     "uint8 N x H x W x C model input of slices `ks` of canonical volume `arr` (X, Y, Z)"
     inp = pred.config.get('input', {})
@@ -55,8 +66,7 @@ def _volume_batch(pred:Predictor, arr, ks):
         if inp.get('context', 0): raise LiverSegError('config.json', "context > 0 is only supported for 'image' models")
         return volume_channels(arr, ks=ks, windows=inp.get('windows', DEFAULT_WINDOWS), freqhist=inp.get('freqhist', True))
     lo, hi = max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, arr.shape[2])
-    if arr.dtype == np.uint8: g = np.ascontiguousarray(to_display(arr[:, :, lo:hi]).transpose(2, 0, 1))  # N x H x W, display orientation
-    else: g = gray_window(display_stack(arr, range(lo, hi)), inp['hu_window'])  # HU -> the gray levels of the slices
+    g = np.ascontiguousarray(to_display(arr[:, :, lo:hi]).transpose(2, 0, 1))  # uint8 N x H x W (`model_volume`), display orientation
     return _gray_channels(g, np.asarray(ks) - lo, inp.get('context', 0), pred.config.get('n_in', 3))
 
 # %% ../nbs/09a_predict.ipynb #bdb90911
@@ -69,7 +79,7 @@ def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, pr
     arr = can.array
     if arr.ndim != 3: raise LiverSegError(can.path or 'volume', f"expected a 3D volume, got shape {arr.shape}")
     _check_orientation(pred)
-    _check_input(pred, arr, can.path or 'volume')
+    arr = model_volume(pred, can).array  # HU -> gray once for 8-bit models, not once per stage and slab
     out = np.zeros(arr.shape, np.uint8)  # background where a coarse-to-fine model finds no liver
     if probs is not None: probs[...] = 0; probs[..., 0] = PROB_SCALE
     batch_of = lambda ks: _volume_batch(pred, arr, ks)
@@ -82,7 +92,7 @@ def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, pr
 def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
                    volume, # `CTVolume`, or an array (X, Y, Z): HU, or uint8 for 'image' models
                    affine=None, # 4x4 affine of an array `volume`; without one the array is taken to be in canonical order
-                   batch_size:int=16, # slices per forward pass
+                   batch_size:int=PREDICT_BATCH, # slices per forward pass
                    device='auto', # 'auto', 'cpu' or 'cuda'
                    tta:bool=False, # flip test-time augmentation
                    postprocess:bool=True, # keep the largest liver component, fill holes, drop tumour specks
@@ -128,7 +138,7 @@ def _slice_images(pred:Predictor, rows):
 def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
                    folder, # slice folder: `images/`, or a flat folder of `<case>_<slice>` images
                    output, # output folder of mask PNGs (created)
-                   batch_size:int=16, device='auto', tta:bool=False,
+                   batch_size:int=PREDICT_BATCH, device='auto', tta:bool=False,
                    postprocess:bool=False, # post-process each case's stack of slices
                    encoding:str='012', # '012' or '127' (0/127/255)
                    force:bool=False, # replace an existing output folder
@@ -198,7 +208,7 @@ def write_probabilities(probs:np.ndarray, # uint16 X x Y x Z x n_out in `like`'s
 def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  input, # NIfTI file, DICOM folder, slice folder, or a folder of volumes
                  output, # `.nii.gz` for a volume, a folder for slice folders and folders of volumes
-                 batch_size:int=16, # slices per forward pass
+                 batch_size:int=PREDICT_BATCH, # slices per forward pass
                  device='auto', # 'auto', 'cpu' or 'cuda'
                  tta:bool=False, # flip test-time augmentation
                  postprocess:bool|None=None, # default: on for volumes, off for slice folders
@@ -240,18 +250,23 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
     return _predict_file(pred, input, kind, output, batch_size, tta, postprocess is None or postprocess, force, progress,
                          series, inputs, probabilities, extras, writer)
 
+def _free_voxels(vol:CTVolume):
+    "Drop a volume's voxels (its HU) and keep its geometry: the writers need only that"
+    vol.array = np.broadcast_to(np.zeros((), vol.array.dtype), vol.shape)
+
 def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int, tta:bool, postprocess:bool, force:bool, progress:bool,
                   series:str|None=None, inputs=(), probabilities:bool=False, extras=(), writer=None) -> Path:
     "Read one volume, segment it, post-process it in place, and write `dest` (and the files beside it) in its geometry"
     _check_orientation(pred)  # before reading a volume it cannot be used on
     vol, inputs = _read_volume(src, kind, series), [src, *inputs]
-    can = to_canonical(vol)
+    can = model_volume(pred, to_canonical(vol))
+    if not extras and not np.may_share_memory(can.array, vol.array): _free_voxels(vol)  # 8-bit model: the gray is all it reads
     probs = np.empty(can.shape + (pred.config.get('n_out', 3),), np.uint16) if probabilities else None
     labels = _canonical_labels(pred, can, batch_size, tta, progress, probs)
     spacing = can.spacing
     if probs is not None: write_probabilities(probs, vol, side_path(dest, '_probabilities.nii.gz'), force, inputs); del probs
     del can
-    if not extras: vol.array = np.broadcast_to(np.zeros((), vol.array.dtype), vol.shape)  # free the HU: only the geometry is needed now
+    if not extras: _free_voxels(vol)  # only the geometry is needed now
     if postprocess:
         from liver_seg.postprocess import postprocess as _post
         labels = _post(labels, spacing=spacing, out=labels)  # in place: no second label volume
@@ -296,7 +311,7 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
                     out_dir, # folder for the predictions (created)
                     part:str='1/1', # 'i/n': only every n-th volume from the i-th
                     workers:int=1, # processes on this machine
-                    batch_size:int=16, device='auto', tta:bool=False,
+                    batch_size:int=PREDICT_BATCH, device='auto', tta:bool=False,
                     postprocess:bool=True, # post-process each volume
                     force:bool=False, # replace existing predictions
                     progress:bool=True, # a line per volume (and a bar per volume with one worker)

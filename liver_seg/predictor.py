@@ -17,8 +17,10 @@ from .model import cpu_has_bf16
 from .engine import load_engine, TorchEngine
 from .crops import liver_box, largest_component, scale_box, grow_box
 
+PREDICT_BATCH = 8 # slices per forward pass: as fast as 16 on a 2-core CPU, ~0.35 GB less peak memory (bench/README.md)
+
 # %% auto #0
-__all__ = ['resolve_device', 'Predictor', 'get_predictor', 'coarse_stage', 'liver_region', 'slab_labels']
+__all__ = ['PREDICT_BATCH', 'resolve_device', 'Predictor', 'get_predictor', 'coarse_stage', 'liver_region', 'slab_labels']
 
 # %% ../nbs/09_predictor.ipynb #5bf48594
 def resolve_device(device='auto') -> torch.device:
@@ -139,7 +141,7 @@ def coarse_stage(pred:Predictor) -> Predictor|None:
 def liver_region(pred:Predictor, # a coarse-to-fine model (with `coarse_stage`)
                  batch_of,       # function: slice indices -> uint8 N x H x W x C model inputs (display orientation)
                  n:int,          # number of slices
-                 batch_size:int=16
+                 batch_size:int=PREDICT_BATCH
                 ) -> tuple|None: # (z0, z1, r0, r1, c0, c1) at the slices' resolution, or None where no liver is found
     "The box around the liver that the coarse stage finds: every slice at its low resolution, the largest component"
     coarse, cas = coarse_stage(pred), pred.config['cascade']
@@ -165,7 +167,7 @@ def _into_box(a:np.ndarray, shape:tuple, plane:tuple, background) -> np.ndarray:
 def slab_labels(pred:Predictor, # model; with a coarse stage only the liver's box is labelled
                 batch_of,       # function: slice indices -> uint8 N x H x W x C model inputs (display orientation)
                 n:int,          # number of slices
-                batch_size:int=16, tta:bool=False, probabilities:bool=False, progress:bool=False):
+                batch_size:int=PREDICT_BATCH, tta:bool=False, probabilities:bool=False, progress:bool=False):
     "Yield (slice indices, uint8 N x H x W labels, float32 N x C x H x W probabilities or None) slab by slab; slices not yielded are background"
     region = liver_region(pred, batch_of, n, batch_size) if pred.config.get('cascade') else (0, n, None, None, None, None)
     if region is None: return
