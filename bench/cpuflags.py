@@ -16,6 +16,8 @@ def cpu_summary() -> str:
             if key.strip() == 'flags': flags = set(val.split())
     have = [f for f in FLAGS if f in flags]
     lack = [f for f in FLAGS if f not in flags]
-    return f"{model}, {os.cpu_count()} cores: {' '.join(have) or 'none of ' + '/'.join(FLAGS)}" + (f"; no {' '.join(lack)}" if lack else '')
+    cap = os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA')
+    return (f"{model}, {os.cpu_count()} cores: {' '.join(have) or 'none of ' + '/'.join(FLAGS)}" + (f"; no {' '.join(lack)}" if lack else '')
+            + (f"; oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)" if cap else ''))
 
 if __name__ == '__main__': print(cpu_summary())

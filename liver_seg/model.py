@@ -106,8 +106,12 @@ def save_model_folder(model:nn.Module, # the trained network
     return folder
 
 # %% ../nbs/06_model.ipynb #8d0df28d
+_NO_BF16_ISA = {'sse41', 'avx', 'avx2', 'avx2_vnni', 'avx2_vnni_2', 'avx512_core', 'avx512_core_vnni'} # oneDNN caps below AVX512-BF16
+
 def cpu_has_bf16() -> bool:
-    "True if this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)"
+    "True if this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX) and oneDNN is allowed to use them"
+    cap = (os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or '').lower()
+    if cap in _NO_BF16_ISA: return False  # capped by the user, e.g. to time what an AVX2-only CPU would do
     for name in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'):
         f = getattr(torch.cpu, name, None)
         try:
