@@ -13,7 +13,7 @@ from pathlib import Path
 from .io import LiverSegError, atomic_path, read_nifti, read_labels
 
 # %% ../nbs/12_demo.ipynb #2953bc65
-DEMO_RECIPE = dict(n_train=6, shape=(128, 128, 32), spacing=(1.2, 1.2, 5.0), size=128, epochs=8, bs=16, lr=1e-3,
+DEMO_RECIPE = dict(n_train=6, shape=(128, 128, 32), spacing=(1.2, 1.2, 5.0), size=128, epochs=16, bs=16, lr=1e-3,
                    arch='resnet34', loss='ce+dice', seed=0)
 
 # %% ../nbs/12_demo.ipynb #384fa442
