@@ -53,6 +53,7 @@ def model_volume(pred:Predictor, # the model the volume is for
                 ) -> CTVolume: # `can` itself, or for an 8-bit model given HU, its uint8 gray levels (same geometry)
     "What the network reads, made once: a HU volume through an `image` model's recorded window, slab by slab"
     arr = can.array
+    if arr.ndim != 3: raise LiverSegError(can.path or 'volume', f"expected a 3D volume, got shape {arr.shape}")
     _check_input(pred, arr, can.path or 'volume')
     if pred.kind != 'image' or arr.dtype == np.uint8: return can
     gray, window = np.empty(arr.shape, np.uint8), pred.config['input']['hu_window']
@@ -76,8 +77,6 @@ def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, pr
                       probs:np.ndarray|None=None # uint16 X x Y x Z x n_out to fill with the softmax (canonical order)
                      ) -> np.ndarray:
     "uint8 labels of a volume in canonical voxel order, a slab of `batch_size` slices at a time"
-    arr = can.array
-    if arr.ndim != 3: raise LiverSegError(can.path or 'volume', f"expected a 3D volume, got shape {arr.shape}")
     _check_orientation(pred)
     arr = model_volume(pred, can).array  # HU -> gray once for 8-bit models, not once per stage and slab
     out = np.zeros(arr.shape, np.uint8)  # background where a coarse-to-fine model finds no liver
