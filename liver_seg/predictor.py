@@ -17,7 +17,7 @@ from .model import cpu_has_bf16
 from .engine import load_engine, TorchEngine
 from .crops import liver_box, largest_component, scale_box, grow_box
 
-PREDICT_BATCH = 8 # slices per forward pass: as fast as 16 on a 2-core CPU, ~0.35 GB less peak memory (bench/README.md)
+PREDICT_BATCH = 8 # slices per forward pass: as fast as 16 on a 2-core CPU, ~0.3 GB less peak memory (bench/README.md)
 
 # %% auto #0
 __all__ = ['PREDICT_BATCH', 'resolve_device', 'Predictor', 'get_predictor', 'coarse_stage', 'liver_region', 'slab_labels']

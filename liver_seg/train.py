@@ -25,7 +25,7 @@ from .checkpoints import run_folder, EpochCheckpoint, resume_state, _new_run_fol
 from .history import HistoryLogger, EpochTable, plot_learning_curves
 
 # %% auto #0
-__all__ = ['UNET_DEFAULTS', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'load_train_config',
+__all__ = ['UNET_DEFAULTS', 'MONITOR', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'load_train_config',
            'auto_context']
 
 # %% ../nbs/07_train.ipynb #8f204557
@@ -83,6 +83,8 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
     return o.out
 
 # %% ../nbs/07_train.ipynb #d7f1d3f9
+MONITOR = 'dice_mean' # the validation metric the kept checkpoint maximises (and `best_epoch` reports)
+
 def _check_options(o):
     "Refuse bad options and an existing output before any work; settle the process, device and precision"
     if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
@@ -115,7 +117,7 @@ def _data_and_config(o):
     recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
-                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor='dice_mean',
+                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=MONITOR,
                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
     if o.cascade: recipe.update(cascade=True, coarse_size=o.coarse_size, coarse_epochs=o.coarse_epochs, crop_margins=list(o.crop_margins))
     if o.world > 1: recipe['processes'] = o.world # bs is per process
@@ -154,7 +156,7 @@ def _run_learner(o, dls, enc, cfg, run, ckpt):
     o.history = HistoryLogger(run/'history.csv') if o.rank == 0 else None
     o.start = 0 if ckpt is None else ckpt['epochs_done']
     if ckpt is not None: _restore_run(o, model, ckpt, run)
-    o.check = EpochCheckpoint('dice_mean', o.history, o.start, None if ckpt is None else ckpt['best'], resumable=o.fit == 'one_cycle')
+    o.check = EpochCheckpoint(MONITOR, o.history, o.start, None if ckpt is None else ckpt['best'], resumable=o.fit == 'one_cycle')
     if ckpt is not None: o.check.t_before = ckpt['seconds']
     o.run_cbs = ([o.history] if o.rank == 0 else []) + [o.check, *o.precision_cbs] + ([SyncValidation()] if o.world > 1 else [])
     learn = _learner(dls, model, cfg, o.loss, o.lr, o.run_cbs + list(o.cbs or []), enc is not None)
@@ -203,7 +205,7 @@ def _write_model_folder(o, learn, cfg, run):
     import pandas as pd
     history = pd.read_csv(run/'history.csv')
     cfg['recipe']['train_seconds'] = round(o.check.t_before + time.time() - o.check.t0, 1)
-    cfg['recipe']['best_epoch'] = int(history['dice_mean'].to_numpy().argmax()) if len(history) else None
+    cfg['recipe']['best_epoch'] = int(history[MONITOR].to_numpy().argmax()) if len(history) else None
     if o.start and o.resume: cfg['recipe']['resumed_at_epoch'] = o.start
     if o.world > 1: learn.model = _without_sync_bn(learn.model, cfg)
     learn.model.to(memory_format=torch.contiguous_format).eval()
