@@ -1,75 +1,69 @@
-"""Held-out Dice of every late epoch of one training run: how much the checkpoint choice matters.
+"""Held-out Dice of every late epoch of one training run, and which epoch each checkpoint rule would keep.
 
-    python bench/accuracy_epochs.py --work /tmp/liver_seg_epochs --size 128 --epochs 24 --keep-from 12 [--last-cross]
+    python bench/accuracy_epochs.py --work /tmp/liver_seg_epochs --keep-from 5 \\
+        --ircadb ../shared/data/ircadb-hu --ircadb-holdout 3Dircadb1.1 --train-kwargs '{"valid_cases": ["5"], "seed": 1}'
 
-Trains like `liver-seg train TRAIN --no-pretrained` (the Python API, `liver_seg.train.train`, the same code) on cases
-0-5 of ../shared/data/ct-slices with a callback that also saves the weights of every epoch from `--keep-from` on, then
-predicts the held-out cases (6, 7) with each saved epoch (`liver-seg predict`) and scores them (`liver-seg evaluate`).
-Prints, per epoch, the held-out liver and tumour Dice beside the validation Dice that the checkpoint rule saw, and
-which epoch the rule kept. Everything is written under `--work`, outside the repository. Measured, never asserted.
+Sets up the same split as `accuracy_real.py` (its options `--holdout`, `--ircadb`, `--ircadb-holdout`, `--work`), then
+trains like `liver-seg train TRAIN... --no-pretrained` through the Python API (`liver_seg.train.train`, the code the
+command runs; `--train-kwargs` are its options as JSON) with a callback that also saves the fine stage's weights of
+every epoch from `--keep-from` on. Each saved epoch becomes a model folder (the run's config and coarse stage, that
+epoch's weights), predicted and scored on the held-out slices and DICOM series exactly as `accuracy_real.py` scores a
+model. Prints, per epoch, the validation Dice the checkpoint rules see beside the held-out Dice, then the epoch that
+each rule of `train`'s `monitor` keeps (`liver_seg.train.MONITORS`). Everything is written under
+`--work`, outside the repository. Measured, never asserted.
 """
-import argparse, json, shutil, subprocess, sys, time, warnings
+import json, shutil, sys, time, warnings
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from accuracy_real import REAL, ROOT, link_cases, case_of  # noqa: E402
-
+from accuracy_real import parser, prepare_work, score_model  # noqa: E402
+from cpuflags import cpu_summary  # noqa: E402
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--data', default=str(REAL))
-    p.add_argument('--holdout', default='6,7')
-    p.add_argument('--work', default='/tmp/liver_seg_epochs')
-    p.add_argument('--size', type=int, default=128)
-    p.add_argument('--epochs', type=int, default=24)
-    p.add_argument('--keep-from', type=int, default=12, help='save and score every epoch from this one (0-based)')
-    p.add_argument('--last-cross', action='store_true', help="keep fastai's full-resolution ResBlock (default here: off)")
-    p.add_argument('--valid-cases', default=None, help='comma-separated validation cases for the checkpoint rule (default: train\'s own choice)')
-    p.add_argument('--train-kwargs', default='{}', help='more `train` options as JSON, e.g. \'{"loss": "ce+dice"}\'')
+    p = parser()
+    p.add_argument('--keep-from', type=int, default=5, help='save and score every fine-stage epoch from this one (0-based)')
+    p.add_argument('--train-kwargs', default='{}', help='`train` options as JSON, e.g. \'{"valid_cases": ["5"], "seed": 1}\'')
     a = p.parse_args()
     warnings.filterwarnings('ignore')
     import torch, pandas as pd
     from fastai.callback.core import Callback
     from fastai.torch_core import get_model
-    from liver_seg.train import train
+    from liver_seg.train import train, MONITORS, _kept_epoch
     from liver_seg.model import model_state, write_model_files, build_model
-    data, work = Path(a.data), Path(a.work).resolve()
-    if not (data/'images').is_dir(): sys.exit(f"{data}: no images/ folder (the real slices are not present)")
-    if work == ROOT or ROOT in work.parents: sys.exit(f"{work}: inside the repository; use a folder outside it")
-    hold = {c.strip() for c in a.holdout.split(',')}
-    cases = {case_of(f.stem) for f in (data/'images').iterdir()}
-    if work.exists(): shutil.rmtree(work)
-    work.mkdir(parents=True)
-    link_cases(data, work/'train', cases - hold); link_cases(data, work/'holdout', hold)
+    work, folders = prepare_work(a)
 
-    class KeepEpochs(Callback):
+    class KeepEpochs(Callback):  # `train` hands `cbs` to the fine stage only
         order = 95
         def after_epoch(self):
             if self.epoch >= a.keep_from: torch.save(model_state(get_model(self.learn.model)), work/f'epoch{self.epoch}.pth')
 
     t0 = time.time()
-    valid = None if a.valid_cases is None else [c.strip() for c in a.valid_cases.split(',')]
-    m = train(work/'train', work/'model', size=a.size, epochs=a.epochs, pretrained=False, last_cross=a.last_cross,
-              valid_cases=valid, cbs=[KeepEpochs()], **json.loads(a.train_kwargs))
-    cfg = json.loads((m/'config.json').read_text())
-    hist = pd.read_csv(m/'history.csv')
-    print(f"trained in {(time.time() - t0)/60:.1f} min; size {a.size}, {a.epochs} epochs, last_cross {a.last_cross}; "
-          f"options {a.train_kwargs}; validation {cfg['split']['valid_cases']}; the checkpoint rule kept epoch {cfg['recipe']['best_epoch']}", flush=True)
+    model = train(folders, work/'model', pretrained=False, cbs=[KeepEpochs()], **json.loads(a.train_kwargs))
+    cfg = json.loads((model/'config.json').read_text())
+    hist = pd.read_csv(model/'history.csv')
+    print(f"trained in {(time.time() - t0)/60:.1f} min (fit {cfg['recipe']['train_seconds']/60:.1f} min); options {a.train_kwargs}; "
+          f"validation {cfg['split']['valid_cases']}  [{cpu_summary()}]", flush=True)
+    rows = []
     for f in sorted(work.glob('epoch*.pth'), key=lambda q: int(q.stem[5:])):
         ep = int(f.stem[5:])
         d = work/f'm{ep}'; d.mkdir()
+        shutil.copy(model/'config.json', d/'config.json')
+        if (model/'coarse').is_dir(): (d/'coarse').symlink_to(model/'coarse')
         net = build_model(cfg); net.load_state_dict(torch.load(f, weights_only=True)); net.eval()
         write_model_files(net, cfg, d)
-        for cmd in (['predict', d, work/'holdout'/'images', work/f'pred{ep}'],
-                    ['evaluate', work/f'pred{ep}', work/'holdout'/'masks', '--csv', work/f'eval{ep}.csv']):
-            subprocess.run(['liver-seg', *map(str, cmd)], capture_output=True, check=True)
-        df = pd.read_csv(work/f'eval{ep}.csv')
+        _, scores, _ = score_model(d, work, a, tag=f'_e{ep}')
         v = hist.iloc[ep]
-        print(f"epoch {ep:2d}{' (kept)' if ep == cfg['recipe']['best_epoch'] else '       '}  validation liver {v.liver_dice:.3f} "
-              f"tumour {v.tumor_dice:.3f} | held out: " +
-              '  '.join(f"case {c} liver {l:.4f} tumour {t:.4f}" for c, l, t in zip(df['case'], df['liver_dice'], df['tumor_dice'])),
-              flush=True)
+        rows.append({'epoch': ep, 'valid liver': v.liver_dice, 'valid tumour': v.tumor_dice, **scores})
+        print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format='{:.4f}'.format), flush=True)
+    df = pd.DataFrame(rows).set_index('epoch')
+    print('\n' + df.to_string(float_format='{:.4f}'.format))
+    for rule in MONITORS:
+        ep = _kept_epoch(hist, rule)
+        held = df.loc[ep] if ep in df.index else None
+        print(f"rule {rule:10s} keeps epoch {ep:2d}: " + ('(not scored: before --keep-from)' if held is None else
+              '  '.join(f"{k} {v:.4f}" for k, v in held.items() if not k.startswith('valid'))))
+    print(f"[{cpu_summary()}]")
 
 
 if __name__ == '__main__':

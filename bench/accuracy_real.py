@@ -51,7 +51,7 @@ def run(cmd, log):
     return dt
 
 
-def main():
+def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--data', default=str(REAL), help='slice folder with images/ and masks/ (default: ../shared/data/ct-slices)')
     p.add_argument('--holdout', default='6,7', help='comma-separated cases never seen in training (default 6,7)')
@@ -62,7 +62,11 @@ def main():
     p.add_argument('--model', default=None, help='skip training: evaluate this existing model folder')
     p.add_argument('--ircadb', default=None, help=f'3D-IRCADb cases in HU to train on and hold out (e.g. {IRCADB})')
     p.add_argument('--ircadb-holdout', default='3Dircadb1.7', help='the IRCADb case predicted from its DICOM files, never trained on')
-    a = p.parse_args()
+    return p
+
+
+def prepare_work(a):
+    "Fill `a.work` with the training and held-out slice folders (symlinks) and the exported IRCADb training cases; return (work, training folders)"
     data, work = Path(a.data), Path(a.work).resolve()
     if not (data/'images').is_dir(): sys.exit(f"{data}: no images/ folder (the real slices are not present)")
     if work == ROOT or ROOT in work.parents: sys.exit(f"{work}: inside the repository; use a folder outside it")
@@ -72,11 +76,9 @@ def main():
     if set(hold) & set(train_cases): sys.exit("a held-out case is also a training case")
     if work.exists(): shutil.rmtree(work)
     work.mkdir(parents=True)
-    t_start = time.time(); load0 = os.getloadavg()
     n_train = link_cases(data, work/'train', set(train_cases))
     n_hold = link_cases(data, work/'holdout', set(hold))
     print(f"train cases {','.join(train_cases)} ({n_train} slices); held out {','.join(hold)} ({n_hold} slices); work {work}")
-    model = Path(a.model) if a.model else work/'model'
     folders = [work/'train']
     if a.ircadb:
         ircadb = Path(a.ircadb).resolve()
@@ -84,42 +86,61 @@ def main():
             run(['liver-seg', 'prepare', ircadb/c, work/'ircadb', '--windows', 'lits', '--format', 'png'], work/f'prepare-{c}.log')
             folders = [work/'train', work/'ircadb']
         print(f"IRCADb: trained on the cases of {work/'ircadb'}, held out {a.ircadb_holdout}")
+    return work, folders
+
+
+def score_model(model, work, a, tag=''):
+    "Predict and score the held-out slices (and the held-out IRCADb series with `--ircadb`); return the Dice per case"
+    t_pred = run(['liver-seg', 'predict', model, work/'holdout'/'images', work/f'pred{tag}', *shlex.split(a.predict_args)],
+                 work/f'predict{tag}.log')
+    run(['liver-seg', 'evaluate', work/f'pred{tag}', work/'holdout'/'masks', '--csv', work/f'eval{tag}.csv'], work/f'evaluate{tag}.log')
+    import pandas as pd
+    df = pd.read_csv(work/f'eval{tag}.csv')
+    df['case'] = df['case'].astype(str)
+    scores = {f'liver {c}': l for c, l in zip(df.case, df.liver_dice)} | {f'tumour {c}': t for c, t in zip(df.case, df.tumor_dice)}
+    if a.ircadb: scores |= score_dicom(model, Path(a.ircadb).resolve()/a.ircadb_holdout, work, a.predict_args, tag)
+    return df, scores, t_pred
+
+
+def main():
+    a = parser().parse_args()
+    t_start = time.time(); load0 = os.getloadavg()
+    work, folders = prepare_work(a)
+    model = Path(a.model) if a.model else work/'model'
     t_train_wall = 0.
     if not a.model:
         t_train_wall = run(['liver-seg', 'train', *folders, '--out', model, '--no-pretrained', *shlex.split(a.train_args)],
                            work/'train.log')
     cfg = json.loads((model/'config.json').read_text())
-    t_pred = run(['liver-seg', 'predict', model, work/'holdout'/'images', work/'pred', *shlex.split(a.predict_args)], work/'predict.log')
-    run(['liver-seg', 'evaluate', work/'pred', work/'holdout'/'masks', '--csv', work/'eval.csv'], work/'evaluate.log')
-    import pandas as pd
-    df = pd.read_csv(work/'eval.csv')
-    df['case'] = df['case'].astype(str)
+    df, _, t_pred = score_model(model, work, a)
     rec = cfg.get('recipe', {})
     print(f"\nrecipe: size {cfg['size']}, epochs {rec.get('epochs')}, loss {rec.get('loss')}, context {rec.get('context')}, "
           f"tumor_weight {rec.get('tumor_weight')}, every {rec.get('every')}, lr {rec.get('lr')}, bs {rec.get('bs')}, "
           f"precision {rec.get('precision')}, best epoch {rec.get('best_epoch')}; split {cfg.get('split')}")
     print(df[['case', 'liver_dice', 'tumor_dice']].to_string(index=False, float_format='{:.4f}'.format))
     print(f"mean liver Dice {df.liver_dice.mean():.4f}, mean tumour Dice {df.tumor_dice.mean():.4f}")
-    if a.ircadb: score_dicom(model, Path(a.ircadb).resolve()/a.ircadb_holdout, work, a.predict_args)
     print(f"train time {rec.get('train_seconds', float('nan'))/60:.1f} min (fit; train command wall {t_train_wall/60:.1f} min), "
           f"predict {t_pred:.0f} s, wall {(time.time() - t_start)/60:.1f} min  [{cpu_summary()}]")
     print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
 
 
-def score_dicom(model, case, work, predict_args):
+def score_dicom(model, case, work, predict_args, tag=''):
     "Predict an IRCADb case's DICOM series (HU) from its files; score it against its masks with `liver-seg evaluate`"
-    from liver_seg.dicom import read_ircadb_case
-    from liver_seg.io import write_labels
-    vol, labels = read_ircadb_case(case)
-    (work/'dicom_truth').mkdir(); (work/'dicom_pred').mkdir()
-    write_labels(labels, vol, work/'dicom_truth'/f'{case.name}.nii.gz')
-    t = run(['liver-seg', 'predict', model, case/'PATIENT_DICOM', work/'dicom_pred'/f'{case.name}.nii.gz', *shlex.split(predict_args)],
-            work/'predict_dicom.log')
-    run(['liver-seg', 'evaluate', work/'dicom_pred', work/'dicom_truth', '--csv', work/'eval_dicom.csv'], work/'evaluate_dicom.log')
+    truth = work/'dicom_truth'
+    if not truth.is_dir():  # the truth is written once, for every model scored in this work folder
+        from liver_seg.dicom import read_ircadb_case
+        from liver_seg.io import write_labels
+        vol, labels = read_ircadb_case(case)
+        truth.mkdir(); write_labels(labels, vol, truth/f'{case.name}.nii.gz')
+    pred = work/f'dicom_pred{tag}'; pred.mkdir()
+    t = run(['liver-seg', 'predict', model, case/'PATIENT_DICOM', pred/f'{case.name}.nii.gz', *shlex.split(predict_args)],
+            work/f'predict_dicom{tag}.log')
+    run(['liver-seg', 'evaluate', pred, truth, '--csv', work/f'eval_dicom{tag}.csv'], work/f'evaluate_dicom{tag}.log')
     import pandas as pd
-    d = pd.read_csv(work/'eval_dicom.csv')
-    print(f"DICOM series in HU, {case.name} ({vol.shape[2]} slices, predicted in {t:.0f} s): liver Dice {d.liver_dice.iloc[0]:.4f}, "
+    d = pd.read_csv(work/f'eval_dicom{tag}.csv')
+    print(f"DICOM series in HU, {case.name} (predicted in {t:.0f} s): liver Dice {d.liver_dice.iloc[0]:.4f}, "
           f"tumour Dice {d.tumor_dice.iloc[0]:.4f}")
+    return {'DICOM liver': d.liver_dice.iloc[0], 'DICOM tumour': d.tumor_dice.iloc[0]}
 
 
 if __name__ == '__main__': main()
