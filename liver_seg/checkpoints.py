@@ -38,9 +38,9 @@ def _save_atomic(obj, fname:Path):
 
 # %% ../nbs/06b_checkpoints.ipynb #96d86726
 class EpochCheckpoint(TrackerCallback):
-    "After each epoch write `best.pth` on a new best `monitor` and `last.pth` (all a resume needs), atomically; load the best at the end"
+    "After each epoch write `best.pth` on a new best `monitor` (every epoch for 'last') and `last.pth` (all a resume needs), atomically; load the best at the end"
     order = 70 # after the Recorder (50) logged the epoch, so history.csv holds every epoch `last.pth` counts
-    def __init__(self, monitor='dice_mean', # metric to maximise
+    def __init__(self, monitor='dice_mean', # metric to maximise, or 'last': keep the last epoch
                  history=None, # the run's `HistoryLogger` (its rows and batch losses go into `last.pth`)
                  start_epoch:int=0, # epochs before this one were done before a resume: skip them
                  best:float|None=None, # best score of the epochs done before a resume
@@ -49,10 +49,13 @@ class EpochCheckpoint(TrackerCallback):
         self.history, self.start_epoch, self.best, self.resumable = history, start_epoch, best, resumable
         self.t_before = 0.
     def before_fit(self):
-        super().before_fit(); self.t0 = time.time()
+        if self.monitor != 'last': super().before_fit() # fastai's tracker looks the metric up among the recorder's columns
+        elif self.best is None: self.best = -1.
+        self.t0 = time.time()
     def after_epoch(self):
         if self.epoch < self.start_epoch: return # skipped on resume (fastai still calls after_epoch)
-        super().after_epoch()
+        if self.monitor == 'last': self.best, self.new_best = float(self.epoch), True
+        else: super().after_epoch()
         from fastai.torch_core import rank_distrib, get_model
         if rank_distrib(): return # only rank 0 writes
         state = model_state(get_model(self.learn.model))

@@ -62,6 +62,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
           weights:_File=None,      # local encoder weights file instead of downloading
           precision:Annotated[str, dict(metavar='P')]=None, # auto (default), fp32, bf16 or fp16
           seed:_N=None,            # random seed (default: 42)
+          monitor:Annotated[str, dict(metavar='RULE', choices=['dice_mean', 'liver_dice', 'tumor_dice', 'last'])]=None, # the epoch kept: best validation dice_mean (default), liver_dice or tumor_dice, or last
           context:_N=None,         # 1: neighbouring slices as the three channels (2.5D, 8-bit slice data)
           cascade:Annotated[bool, dict(help="one stage on whole slices instead of coarse to fine")]=True, # coarse to fine: a coarse stage finds the liver, this model segments its box
           config:_File=None,       # YAML or JSON file with any of these options
@@ -74,7 +75,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
     if out is None: raise LiverSegError(data[0], "no model folder given; use --out MODEL_DIR")
     kw = load_train_config(config) if config else {}
     given = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, valid_cases=_csv(valid_cases),
-                 pretrained=pretrained, weights=weights, precision=precision, seed=seed, context=context, cascade=cascade,
+                 pretrained=pretrained, weights=weights, precision=precision, seed=seed, monitor=monitor, context=context, cascade=cascade,
                  resume=resume, force=force)
     kw.update({k:v for k,v in given.items() if v is not None})
     if config and pretrained: kw['pretrained'] = load_train_config(config).get('pretrained', True) # only --no-pretrained overrides the file

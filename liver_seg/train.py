@@ -25,11 +25,13 @@ from .checkpoints import run_folder, EpochCheckpoint, resume_state, _new_run_fol
 from .history import HistoryLogger, EpochTable, plot_learning_curves
 
 # %% auto #0
-__all__ = ['UNET_DEFAULTS', 'MONITOR', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state', 'load_train_config',
-           'auto_context']
+__all__ = ['UNET_DEFAULTS', 'MONITORS', 'MONITOR', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state',
+           'load_train_config', 'auto_context']
 
 # %% ../nbs/07_train.ipynb #8f204557
 UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
+MONITORS = ('dice_mean', 'liver_dice', 'tumor_dice', 'last') # what may choose the kept epoch: a validation metric, or the last epoch
+MONITOR = 'liver_dice' # the default (bench/RESULTS.md, session 7): the validation metric the kept checkpoint maximises (and `best_epoch` reports)
 
 def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
     "fastai's `unet_learner` in substance: a `Learner` with the encoder's parameter split (frozen when pretrained)"
@@ -68,6 +70,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           coarse_size:int=64, # the coarse stage's slice size
           coarse_epochs:int=6, # the coarse stage's epochs
           crop_margins:tuple=(0.02, 0.10), # the fine stage's training boxes: true liver box + a margin per side from this range (fraction of the slice side)
+          monitor:str=MONITOR, # the epoch kept: best validation 'liver_dice' (default), 'dice_mean' or 'tumor_dice', or 'last'
           num_workers:int=0, # DataLoader workers
           device=None, # 'cpu', 'cuda' (default: CUDA if available)
           force:bool=False, # replace an existing model folder
@@ -83,10 +86,9 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
     return o.out
 
 # %% ../nbs/07_train.ipynb #d7f1d3f9
-MONITOR = 'dice_mean' # the validation metric the kept checkpoint maximises (and `best_epoch` reports)
-
 def _check_options(o):
     "Refuse bad options and an existing output before any work; settle the process, device and precision"
+    if o.monitor not in MONITORS: raise LiverSegError('--monitor', f"unknown checkpoint rule {o.monitor!r}: use one of {', '.join(MONITORS)}")
     if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
     if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
     if o.crop is not None and o.cascade: raise LiverSegError('--crop', "random patches and the coarse-to-fine liver crops exclude each other: add --no-cascade")
@@ -117,7 +119,7 @@ def _data_and_config(o):
     recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
-                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=MONITOR,
+                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor,
                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
     if o.cascade: recipe.update(cascade=True, coarse_size=o.coarse_size, coarse_epochs=o.coarse_epochs, crop_margins=list(o.crop_margins))
     if o.world > 1: recipe['processes'] = o.world # bs is per process
@@ -156,7 +158,7 @@ def _run_learner(o, dls, enc, cfg, run, ckpt):
     o.history = HistoryLogger(run/'history.csv') if o.rank == 0 else None
     o.start = 0 if ckpt is None else ckpt['epochs_done']
     if ckpt is not None: _restore_run(o, model, ckpt, run)
-    o.check = EpochCheckpoint(MONITOR, o.history, o.start, None if ckpt is None else ckpt['best'], resumable=o.fit == 'one_cycle')
+    o.check = EpochCheckpoint(o.monitor, o.history, o.start, None if ckpt is None else ckpt['best'], resumable=o.fit == 'one_cycle')
     if ckpt is not None: o.check.t_before = ckpt['seconds']
     o.run_cbs = ([o.history] if o.rank == 0 else []) + [o.check, *o.precision_cbs] + ([SyncValidation()] if o.world > 1 else [])
     learn = _learner(dls, model, cfg, o.loss, o.lr, o.run_cbs + list(o.cbs or []), enc is not None)
@@ -200,12 +202,17 @@ def _fit(o, learn):
             if o.fit == 'one_cycle': learn.fit_one_cycle(o.epochs, o.lr, wd=o.wd, start_epoch=o.start)
             else: learn.fine_tune(o.epochs, base_lr=o.lr, wd=o.wd)
 
+def _kept_epoch(history, monitor:str) -> int|None:
+    "The epoch `EpochCheckpoint(monitor)` kept, from the run's history (fastai's tracker keeps the first of equal bests)"
+    if not len(history): return None
+    return len(history) - 1 if monitor == 'last' else int(history[monitor].to_numpy().argmax())
+
 def _write_model_folder(o, learn, cfg, run):
     "Weights, config, curves and the fastai export into the run folder, which is then renamed onto `o.out`"
     import pandas as pd
     history = pd.read_csv(run/'history.csv')
     cfg['recipe']['train_seconds'] = round(o.check.t_before + time.time() - o.check.t0, 1)
-    cfg['recipe']['best_epoch'] = int(history[MONITOR].to_numpy().argmax()) if len(history) else None
+    cfg['recipe']['best_epoch'] = _kept_epoch(history, o.monitor)
     if o.start and o.resume: cfg['recipe']['resumed_at_epoch'] = o.start
     if o.world > 1: learn.model = _without_sync_bn(learn.model, cfg)
     learn.model.to(memory_format=torch.contiguous_format).eval()
@@ -227,7 +234,7 @@ def _train_coarse(o):
     dest = _coarse_dir(o.out)
     if o.resume and (dest/'config.json').is_file(): return
     keep = ('arch', 'bs', 'lr', 'loss', 'valid_cases', 'valid_pct', 'pretrained', 'weights', 'precision', 'seed', 'context',
-            'fit', 'wd', 'flip', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
+            'fit', 'wd', 'flip', 'monitor', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
     if o.progress and o.rank == 0: print(f"coarse stage: whole slices at {o.coarse_size} px, {o.coarse_epochs} epochs", flush=True)
     try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True,
                **{k: getattr(o, k) for k in keep}, device=None if o.device is None else str(o.device))

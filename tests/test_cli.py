@@ -281,3 +281,16 @@ def test_one_model_for_gray_slices_and_hu(tmp_path):
     run('prepare', tmp_path/'lits', tmp_path/'rgb', '--format', 'png', '--windows', 'liver,custom', '-q')  # the seed's 3 channels
     r = run('train', tmp_path/'rgb', eight, '--out', tmp_path/'mixed', '--no-pretrained', '-q', ok=False)
     assert r.returncode == 2 and str(eight) in r.stderr and '--windows lits' in r.stderr and not (tmp_path/'mixed').exists()
+
+
+def test_monitor_chooses_the_kept_epoch_in_both_stages(flow, tmp_path):
+    "`--monitor last` keeps the final epoch of the coarse and the fine stage and says so; an unknown rule is refused before any work"
+    import json
+    r = run('train', flow/'slices', '--out', tmp_path/'m', '--arch', 'simple_cnn', '--size', 32, '--epochs', 3, '--bs', 8,
+            '--no-pretrained', '--valid-cases', 'volume-2', '--monitor', 'last', '-q')
+    for stage in (tmp_path/'m', tmp_path/'m'/'coarse'):
+        rec = json.loads((stage/'config.json').read_text())['recipe']
+        n = len(pd.read_csv(stage/'history.csv'))
+        assert (rec['monitor'], rec['best_epoch']) == ('last', n - 1)
+    r = run('train', flow/'slices', '--out', tmp_path/'bad', '--no-pretrained', '--monitor', 'valid_loss', ok=False)
+    assert r.returncode == 2 and '--monitor' in r.stderr and 'liver_dice' in r.stderr and not (tmp_path/'bad').exists()
