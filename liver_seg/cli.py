@@ -62,7 +62,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
           weights:_File=None,      # local encoder weights file instead of downloading
           precision:Annotated[str, dict(metavar='P')]=None, # auto (default), fp32, bf16 or fp16
           seed:_N=None,            # random seed (default: 42)
-          monitor:Annotated[str, dict(metavar='RULE', choices=['dice_mean', 'liver_dice', 'tumor_dice', 'last'])]=None, # the epoch kept: best validation dice_mean (default), liver_dice or tumor_dice, or last
+          monitor:Annotated[str, dict(metavar='RULE', choices=['dice_mean', 'liver_dice', 'tumor_dice', 'last'])]=None, # the epoch kept: best validation liver_dice (default), dice_mean or tumor_dice, or last
           context:_N=None,         # 1: neighbouring slices as the three channels (2.5D, 8-bit slice data)
           cascade:Annotated[bool, dict(help="one stage on whole slices instead of coarse to fine")]=True, # coarse to fine: a coarse stage finds the liver, this model segments its box
           config:_File=None,       # YAML or JSON file with any of these options
