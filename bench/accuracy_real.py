@@ -80,7 +80,7 @@ def prepare_work(a):
     n_hold = link_cases(data, work/'holdout', set(hold))
     print(f"train cases {','.join(train_cases)} ({n_train} slices); held out {','.join(hold)} ({n_hold} slices); work {work}")
     folders = [work/'train']
-    if a.ircadb:
+    if a.ircadb and not getattr(a, 'model', None):  # an existing model is only scored: nothing to train on
         ircadb = Path(a.ircadb).resolve()
         for c in sorted(p.name for p in ircadb.iterdir() if (p/'PATIENT_DICOM').is_dir() and p.name != a.ircadb_holdout):
             run(['liver-seg', 'prepare', ircadb/c, work/'ircadb', '--windows', 'lits', '--format', 'png'], work/f'prepare-{c}.log')

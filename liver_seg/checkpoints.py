@@ -38,7 +38,7 @@ def _save_atomic(obj, fname:Path):
 
 # %% ../nbs/06b_checkpoints.ipynb #96d86726
 class EpochCheckpoint(TrackerCallback):
-    "After each epoch write `best.pth` on a new best `monitor` (every epoch for 'last') and `last.pth` (all a resume needs), atomically; load the best at the end"
+    "After each epoch write `best.pth` on a new best `monitor` and `last.pth` (all a resume needs), atomically; load the best at the end"
     order = 70 # after the Recorder (50) logged the epoch, so history.csv holds every epoch `last.pth` counts
     def __init__(self, monitor='dice_mean', # metric to maximise, or 'last': keep the last epoch
                  history=None, # the run's `HistoryLogger` (its rows and batch losses go into `last.pth`)
@@ -54,7 +54,7 @@ class EpochCheckpoint(TrackerCallback):
         self.t0 = time.time()
     def after_epoch(self):
         if self.epoch < self.start_epoch: return # skipped on resume (fastai still calls after_epoch)
-        if self.monitor == 'last': self.best, self.new_best = float(self.epoch), True
+        if self.monitor == 'last': self.best, self.new_best = float(self.epoch), False # the fit ends on the kept weights: no copy aside
         else: super().after_epoch()
         from fastai.torch_core import rank_distrib, get_model
         if rank_distrib(): return # only rank 0 writes

@@ -286,7 +286,7 @@ def test_one_model_for_gray_slices_and_hu(tmp_path):
 def test_monitor_chooses_the_kept_epoch_in_both_stages(flow, tmp_path):
     "`--monitor last` keeps the final epoch of the coarse and the fine stage and says so; an unknown rule is refused before any work"
     import json
-    r = run('train', flow/'slices', '--out', tmp_path/'m', '--arch', 'simple_cnn', '--size', 32, '--epochs', 3, '--bs', 8,
+    run('train', flow/'slices', '--out', tmp_path/'m', '--arch', 'simple_cnn', '--size', 32, '--epochs', 3, '--bs', 8,
             '--no-pretrained', '--valid-cases', 'volume-2', '--monitor', 'last', '-q')
     for stage in (tmp_path/'m', tmp_path/'m'/'coarse'):
         rec = json.loads((stage/'config.json').read_text())['recipe']
