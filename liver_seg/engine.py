@@ -14,8 +14,8 @@ from .model import cpu_has_bf16
 
 # %% auto #0
 __all__ = ['OPSET', 'ENGINE_DIR', 'ENGINES', 'cpu_threads', 'export_onnx', 'write_atomic', 'graph_key', 'user_cache_dir',
-           'cache_dirs', 'cached_graph', 'TorchEngine', 'OnnxRuntimeEngine', 'OpenVINOEngine', 'auto_engines',
-           'load_engine']
+           'cache_dirs', 'find_graph', 'cached_graph', 'TorchEngine', 'OnnxRuntimeEngine', 'OpenVINOEngine',
+           'auto_engines', 'load_engine', 'open_cached_engine']
 
 # %% ../nbs/09b_engine.ipynb #e0a1b2d2
 def cpu_threads() -> int:
@@ -64,14 +64,14 @@ def write_atomic(path, # the file to write
 # %% ../nbs/09b_engine.ipynb #e0a1b2f2
 ENGINE_DIR = '.engine' # subfolder of a model folder holding its exported graph
 
-def graph_key(model:torch.nn.Module, # the network
+def graph_key(state:dict, # the network's weights: `model.state_dict()`, or a model folder's `read_weights`
               config:dict # its `config.json` dict
              ) -> str: # 24 hex digits
-    "Name of `model`'s exported graph: a hash of its weights, the config keys that shape it, torch's version and the opset"
+    "Name of the exported graph of a network with weights `state`: a hash of the weights, the config keys that shape the network, torch's version and the opset"
     shape = {k: config.get(k) for k in ('arch', 'arch_kwargs', 'size', 'n_in', 'n_out')}
     h = hashlib.sha256(json.dumps([shape, torch.__version__, OPSET], sort_keys=True, default=str).encode())
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu().contiguous()
+    for k in sorted(state):  # sorted: a state dict read back from a file need not keep the network's order
+        v = state[k].detach().cpu().contiguous()
         h.update(f'{k}{tuple(v.shape)}{v.dtype}'.encode())
         h.update(v.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:24]
@@ -85,16 +85,25 @@ def cache_dirs(folder) -> list: # where to look for and write a graph, first cho
     "The model folder's `.engine` subfolder, then the user's cache"
     return [Path(folder)/ENGINE_DIR, user_cache_dir()]
 
+def find_graph(name:str, # the graph's file name (`graph_key` + '.onnx')
+               dirs:list, # folders to look in, first choice first (`cache_dirs`)
+               bad=None # a cached file known not to load: skipped
+              ) -> Path|None:
+    "The first readable file `name` in `dirs`, or None"
+    bad = Path(bad) if bad is not None else None
+    for d in map(Path, dirs):
+        if d/name != bad and (d/name).is_file() and os.access(d/name, os.R_OK): return d/name
+    return None
+
 def cached_graph(model:torch.nn.Module, # the network
                  config:dict, # its `config.json` dict
                  dirs:list, # folders to look in and write to, first choice first (`cache_dirs`)
                  bad=None # a cached file that failed to load: export again over it (or elsewhere if that folder is read-only)
                 ) -> tuple: # (path of the ONNX file, True if this call exported it)
     "The ONNX graph of `model`: read from the first of `dirs` that holds it, else exported into the first that can be written"
-    name = graph_key(model, config) + '.onnx'
-    bad = Path(bad) if bad is not None else None
-    for d in map(Path, dirs):
-        if d/name != bad and (d/name).is_file() and os.access(d/name, os.R_OK): return d/name, False
+    name = graph_key(model.state_dict(), config) + '.onnx'
+    found = find_graph(name, dirs, bad)
+    if found is not None: return found, False
     data, errors = None, []
     for d in map(Path, dirs):
         if data is None: data = export_onnx(model, int(config['size']), int(config.get('n_in', 3)))
@@ -178,6 +187,26 @@ def _installed(name) -> bool:
     except ImportError: return False
 
 # %% ../nbs/09b_engine.ipynb #e0a1b314
+def _engine_to_build(engine:str, device:torch.device, amp, folder, warn:bool=True) -> str|None:
+    "The engine `load_engine` builds for these settings, or None for torch (with a warning saying why, where one is due)"
+    if engine not in ENGINES: raise LiverSegError('--engine', f"unknown engine {engine!r}: use {', '.join(ENGINES)}")
+    if engine == 'torch' or (engine == 'auto' and (device.type != 'cpu' or folder is None)): return None
+    if device.type != 'cpu':
+        if warn: _warn_once(f"engine {engine!r} runs on the CPU, the device is {device}: running torch")
+        return None
+    names = auto_engines(amp is torch.bfloat16) if engine == 'auto' else [engine]
+    names = [n for n in names if n == 'torch' or _installed(n)]
+    if not names or names[0] == 'torch':
+        if warn and engine != 'auto': _warn_once(f"{_PACKAGES[engine]} is not installed (pip install 'fastai-liver-seg[cpu-engine]'): running torch")
+        return None
+    return names[0]
+
+def _compile(name:str, path, threads:int):
+    "Engine `name` running the ONNX graph at `path`"
+    if name == 'openvino-bf16' and not cpu_has_bf16(): _warn_once("openvino-bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); OpenVINO runs f32")
+    if name == 'onnxruntime': return OnnxRuntimeEngine(path, threads)
+    return OpenVINOEngine(path, threads, name == 'openvino-bf16' and cpu_has_bf16())
+
 def load_engine(model:torch.nn.Module, # the network, eval mode, on `device`
                 config:dict, # its `config.json` dict
                 engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16'
@@ -187,34 +216,36 @@ def load_engine(model:torch.nn.Module, # the network, eval mode, on `device`
                 folder=None, # the model folder, whose `.engine` subfolder caches the graph (None: a network in memory)
                 threads:int|None=None): # engine threads (default `cpu_threads()`)
     "An engine for `model`: the one asked for, or torch (with a warning saying why) when it cannot run here"
-    if engine not in ENGINES: raise LiverSegError('--engine', f"unknown engine {engine!r}: use {', '.join(ENGINES)}")
     device = torch.device(device)
-    torch_engine = lambda: TorchEngine(model, amp, channels_last, device)
-    if engine == 'torch' or (engine == 'auto' and (device.type != 'cpu' or folder is None)): return torch_engine()
-    if device.type != 'cpu':
-        _warn_once(f"engine {engine!r} runs on the CPU, the device is {device}: running torch"); return torch_engine()
-    bf16 = amp is torch.bfloat16
-    names = auto_engines(bf16) if engine == 'auto' else [engine]
-    names = [n for n in names if n == 'torch' or _installed(n)]
-    if not names or names[0] == 'torch':
-        if engine != 'auto': _warn_once(f"{_PACKAGES[engine]} is not installed (pip install 'fastai-liver-seg[cpu-engine]'): running torch")
-        return torch_engine()
-    name, threads = names[0], threads or cpu_threads()
-    if name == 'openvino-bf16' and not cpu_has_bf16(): _warn_once("openvino-bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); OpenVINO runs f32")
-    make = {'openvino': lambda p: OpenVINOEngine(p, threads), 'onnxruntime': lambda p: OnnxRuntimeEngine(p, threads),
-            'openvino-bf16': lambda p: OpenVINOEngine(p, threads, cpu_has_bf16())}[name]
+    name = _engine_to_build(engine, device, amp, folder)
+    if name is None: return TorchEngine(model, amp, channels_last, device)
+    threads = threads or cpu_threads()
     with contextlib.ExitStack() as stack:
         dirs = cache_dirs(folder) if folder is not None else [stack.enter_context(tempfile.TemporaryDirectory(prefix='liver_seg_engine_'))]
         try:
             path, fresh = cached_graph(model, config, dirs)
-            try: eng = make(path)
+            try: eng = _compile(name, path, threads)
             except Exception:
                 if fresh: raise
                 path, fresh = cached_graph(model, config, dirs, bad=path)  # a damaged cached graph: export it again
-                eng = make(path)
+                eng = _compile(name, path, threads)
         except Exception as e:
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
             if engine != 'auto': _warn_once(f"{name} could not run {config.get('arch')!r} ({type(e).__name__}: {why}): running torch")
-            return torch_engine()
+            return TorchEngine(model, amp, channels_last, device)
     eng.graph, eng.exported = (path if folder is not None else None), fresh
+    return eng
+
+def open_cached_engine(state:dict, # a model folder's weights (`liver_seg.model.read_weights`)
+                       config:dict, # its `config.json` dict
+                       folder, # the model folder
+                       engine:str='auto', device='cpu', amp=None,
+                       threads:int|None=None):
+    "The engine `load_engine` would build, from a graph already cached for these weights; None if there is none or it does not load"
+    name = _engine_to_build(engine, torch.device(device), amp, folder, warn=False)
+    path = find_graph(graph_key(state, config) + '.onnx', cache_dirs(folder)) if name is not None else None
+    if path is None: return None
+    try: eng = _compile(name, path, threads or cpu_threads())
+    except Exception: return None  # a damaged graph: `load_engine` exports it again
+    eng.graph, eng.exported = path, False
     return eng

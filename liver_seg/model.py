@@ -17,7 +17,8 @@ from .windows import DEFAULT_WINDOWS
 
 # %% auto #0
 __all__ = ['CONFIG_SCHEMA', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state', 'write_model_files',
-           'save_model_folder', 'cpu_has_bf16', 'check_config', 'read_config', 'load_model_folder', 'load_learner_pkl']
+           'save_model_folder', 'cpu_has_bf16', 'check_config', 'read_config', 'read_weights', 'load_model_folder',
+           'model_from_state', 'load_learner_pkl']
 
 # %% ../nbs/06_model.ipynb #a3b31dbb
 def default_config(**kwargs):
@@ -166,8 +167,10 @@ def read_config(folder):
     if not isinstance(cfg, dict) or 'arch' not in cfg: raise LiverSegError(f, "no 'arch' in the config")
     return default_config(**{'orientation': None, **check_config(cfg, f)})  # a folder from before the convention says so
 
-def _read_weights(folder):
+def read_weights(folder): # a model folder
+    "The state dict in `folder`'s `weights.safetensors` (or `weights.pth`, read without pickle), or None if it has neither"
     from safetensors.torch import load_file
+    folder = Path(folder)
     f = folder/'weights.safetensors'
     if f.exists():
         try: return load_file(str(f))
@@ -184,11 +187,18 @@ def load_model_folder(folder, # a model folder written by `train` or `save_model
     "(model in eval mode, config dict) rebuilt from `config.json` and safe weights"
     folder = Path(folder)
     cfg = read_config(folder)
-    state = _read_weights(folder)
+    state = read_weights(folder)
     if state is None:
         if allow_pickle and (folder/'learner.pkl').exists():
             return load_learner_pkl(folder).model.eval().to(device), cfg
         raise LiverSegError(folder/'weights.safetensors', "missing: the model folder has no weights")
+    return model_from_state(state, cfg, folder).to(device), cfg
+
+def model_from_state(state:dict, # the weights (`read_weights`)
+                     cfg:dict, # the `config.json` dict they belong to
+                     folder='.'): # the model folder, named in errors
+    "The network `cfg` describes, in eval mode on the CPU, filled with `state` (strictly: every tensor must fit)"
+    folder = Path(folder)
     try: model = build_model(cfg)
     except LiverSegError: raise
     except Exception as e: raise LiverSegError(folder/'config.json', f"cannot build {cfg['arch']!r} ({type(e).__name__}: {e})") from None
@@ -197,7 +207,7 @@ def load_model_folder(folder, # a model folder written by `train` or `save_model
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         raise LiverSegError(folder/'weights.safetensors',
             f"weights do not match config.json (arch={cfg['arch']}, n_in={cfg['n_in']}, n_out={cfg['n_out']}): {lines[1] if len(lines)>1 else lines[0]}"[:400]) from None
-    return model.eval().to(device), cfg
+    return model.eval()
 
 # %% ../nbs/06_model.ipynb #8e185b89
 def load_learner_pkl(folder, # a model folder with learner.pkl

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .io import LiverSegError
 from .model import cpu_has_bf16
-from .engine import load_engine, TorchEngine
+from .engine import load_engine, open_cached_engine, TorchEngine
 from .crops import liver_box, largest_component, scale_box, grow_box
 
 PREDICT_BATCH = 8 # slices per forward pass: as fast as 16 on a 2-core CPU, ~0.3 GB less peak memory (bench/README.md)
@@ -35,7 +35,7 @@ def resolve_device(device='auto') -> torch.device:
 # %% ../nbs/09_predictor.ipynb #d7d8e591
 class Predictor:
     "A segmentation network with its `config.json` dict, ready for batched inference"
-    def __init__(self, model:torch.nn.Module, # the network
+    def __init__(self, model:torch.nn.Module|dict, # the network, or a model folder's weights (built only if `folder` has no cached engine graph)
                  config:dict, # its `config.json` dict
                  device='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
                  engine:str='auto', # 'auto', 'torch', 'openvino' or 'onnxruntime' (`liver_seg.engine`)
@@ -48,22 +48,30 @@ class Predictor:
         self.amp = (torch.bfloat16 if prec == 'bf16' and (cuda or cpu_has_bf16()) else
                     torch.float16 if prec == 'fp16' and cuda else None)
         self.channels_last = self.amp is not None
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         norm = config.get('normalize', {'mean': [0.5] * 3, 'std': [0.25] * 3})
         mean, std = torch.tensor(norm['mean'], dtype=torch.float32), torch.tensor(norm['std'], dtype=torch.float32)
         # (x / 255 - mean) / std == x * scale + shift
         self.scale = (1 / (255 * std)).view(1, -1, 1, 1).to(self.device)
         self.shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
         self.engine_name = engine  # what was asked for: a coarse stage loads with the same
-        self.engine = load_engine(self.model, config, engine, self.device, self.amp, self.channels_last, folder)
-        if not isinstance(self.engine, TorchEngine): self.model = None  # the engine holds its own copy of the weights
+        self.engine = None
+        if isinstance(model, dict):  # weights: a cached graph spares building the network
+            if folder is not None: self.engine = open_cached_engine(model, config, folder, engine, self.device, self.amp)
+            if self.engine is None:
+                from liver_seg.model import model_from_state
+                model = model_from_state(model, config, folder or '.')
+        if self.engine is None:
+            model = model.eval().to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+            self.engine = load_engine(model, config, engine, self.device, self.amp, self.channels_last, folder)
+        self.model = model if isinstance(self.engine, TorchEngine) else None  # an engine holds its own copy of the weights
 
     @classmethod
     def from_folder(cls, folder, device='auto', allow_pickle:bool=False, engine:str='auto'):
-        "Load a model folder (safe weights + config.json) with `liver_seg.model.load_model_folder`"
-        from liver_seg.model import load_model_folder
-        model, cfg = load_model_folder(folder, allow_pickle=allow_pickle)
-        pred = cls(model, cfg, device, engine, folder)
+        "Load a model folder (safe weights + config.json): from its cached engine graph if it has one, else its network rebuilt"
+        from liver_seg.model import read_config, read_weights, load_model_folder
+        cfg, state = read_config(folder), read_weights(folder)
+        if state is None: state, cfg = load_model_folder(folder, allow_pickle=allow_pickle)  # the error, or the pickle's network
+        pred = cls(state, cfg, device, engine, folder)
         pred.source = Path(folder)/'config.json'
         return pred
 

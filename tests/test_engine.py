@@ -124,21 +124,45 @@ def E_load(folder):
 
 
 @needs_any
-def test_cache_reused(model_dir, monkeypatch):
-    "The second predictor of a folder reads the cached graph: no export, the file untouched"
-    calls = []
-    real = E.export_onnx
+def test_cache_reused(model_dir, monkeypatch, data):
+    "The second predictor of a folder reads the cached graph: no export, the file untouched, the network never built"
+    import liver_seg.model as M
+    calls, built = [], []
+    real, real_build = E.export_onnx, M.build_model
     monkeypatch.setattr(E, 'export_onnx', lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(M, 'build_model', lambda *a, **k: built.append(1) or real_build(*a, **k))
     for f in (model_dir/E.ENGINE_DIR).glob('*.onnx'): f.unlink()
     p1 = Predictor.from_folder(model_dir, 'cpu', engine=first_engine)
-    assert p1.engine.exported and len(calls) == 1
+    assert p1.engine.exported and len(calls) == 1 and len(built) == 1
     g = p1.engine.graph
     assert g.parent == model_dir/E.ENGINE_DIR and g.is_file()
     mtime = g.stat().st_mtime_ns
     p2 = Predictor.from_folder(model_dir, 'cpu', engine=first_engine)
-    assert not p2.engine.exported and len(calls) == 1
+    assert not p2.engine.exported and len(calls) == 1 and len(built) == 1
     assert p2.engine.graph == g and g.stat().st_mtime_ns == mtime
     assert not list((model_dir/E.ENGINE_DIR).glob('.*.tmp'))  # no temporary file left behind
+    imgs, _ = data
+    np.testing.assert_array_equal(p2.labels(imgs), p1.labels(imgs))
+    assert Predictor.from_folder(model_dir, 'cpu', engine='torch').model is not None and len(built) == 2  # torch needs the network
+
+
+@needs_any
+def test_cached_graph_predicts_without_fastai(tmp_path):
+    "A `liver-seg predict` whose graph is cached never imports fastai's vision code: only the first run builds the U-Net"
+    import subprocess
+    cfg = default_config(arch='resnet18', size=32, input=HU_INPUT)
+    folder = save_model_folder(build_model(cfg).eval(), cfg, tmp_path/'model')
+    hu, _, aff = make_phantom((32, 32, 4), seed=0)
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(hu, aff), tmp_path/'ct.nii.gz')
+    code = ("import sys; from liver_seg.predict import predict_path; "
+            f"predict_path({str(folder)!r}, {str(tmp_path/'ct.nii.gz')!r}, {str(tmp_path/'out.nii.gz')!r}, device='cpu', engine={first_engine!r}, force=True, progress=False); "
+            "print('fastai.vision.learner' in sys.modules)")
+    run = lambda: subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    first, second = run(), run()
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    assert (first.stdout.split()[-1], second.stdout.split()[-1]) == ('True', 'False'), (first.stdout, second.stdout)
+    assert len(list((folder/E.ENGINE_DIR).glob('*.onnx'))) == 1
 
 
 @needs_any
