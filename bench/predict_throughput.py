@@ -3,6 +3,8 @@
     python bench/predict_throughput.py [--slices 100] [--size 128] [--big 1000] [--no-big] [--workdir DIR]
     python bench/predict_throughput.py --no-small --big 1000 --big-model DEMO/model   # memory with a trained model
     python bench/predict_throughput.py --engines --no-small --no-big [--rounds 8]     # forward pass through each CPU engine
+    python bench/predict_throughput.py --no-big --model MODEL --volume ../shared/data/ircadb-hu/3Dircadb1.1/PATIENT_DICOM
+                                                      # the default recipe (a trained coarse-to-fine model) on real CT
 
 A synthetic 512 x 512 x N int16 NIfTI (liver_seg.synth phantom) is segmented by an untrained resnet34 U-Net at 128 px
 (speed only, so untrained weights are fine):
@@ -22,6 +24,10 @@ model or with `--big-model` (a trained model folder such as `liver-seg demo`'s, 
 post-processing meets in use). Also prints the forward-pass ceiling of each network and post-processing on realistic labels.
 With `--engines`, first a forward-pass table of the default network (batch 16): torch fp32, fp32 channels_last,
 bf16 autocast + channels_last, ONNX Runtime and OpenVINO f32 / bf16, in one process, rounds interleaved.
+With `--model`, ours is that trained model folder (the default recipe is coarse to fine: its work depends on where
+it finds the liver, so an untrained network says nothing), and with `--volume` the volume is a real one (a NIfTI
+file, or a DICOM series converted to NIfTI in the work folder first, outside every timing); the seed's learner
+stays untrained, since its cost does not depend on its weights.
 Measured, never asserted: the machine is shared, timings are noisy.
 """
 import argparse, json, os, subprocess, sys, tempfile, time, warnings
@@ -86,10 +92,8 @@ def seed_predict(pkl, nii):
 def ours_predict(model_dir, nii, out, post='1', engine='auto'):
     "predict_path timed around the call (model load, reading, prediction, post-processing unless post='0', writing)"
     from liver_seg.predict import predict_path
-    from liver_seg.predictor import get_predictor
     t0 = time.perf_counter()
-    model = model_dir if engine == 'auto' else get_predictor(model_dir, engine=engine)  # predict_path has no engine= (yet)
-    predict_path(model, nii, out, force=True, progress=False, postprocess=post == '1')
+    predict_path(model_dir, nii, out, force=True, progress=False, postprocess=post == '1', engine=engine)
     return time.perf_counter() - t0
 
 
@@ -239,7 +243,10 @@ def main():
     ap.add_argument('--no-small', action='store_true', help='skip the comparison with the seed (only the --big memory runs)')
     ap.add_argument('--engines', action='store_true', help='first the forward-pass table: torch fp32/channels_last/bf16, ONNX Runtime, OpenVINO f32/bf16')
     ap.add_argument('--rounds', type=int, default=5, help='interleaved rounds of the --engines table')
+    ap.add_argument('--model', default=None, help='a trained model folder (e.g. the default recipe, coarse to fine) for ours, instead of untrained networks')
+    ap.add_argument('--volume', default=None, help='segment this NIfTI file or DICOM series instead of the phantom (not committed: outside the repository)')
     a = ap.parse_args()
+    if a.volume and not a.model: ap.error('--volume needs --model (the untrained comparison counts --slices phantom slices)')
     import torch
     from liver_seg.model import build_model, default_config, save_model_folder
     from liver_seg.model import cpu_has_bf16
@@ -261,7 +268,8 @@ def main():
     model_dir = save_model_folder(build_model(cfg), cfg, work/'model', force=True)
     other_dir = save_model_folder(build_model(cfg_other), cfg_other, work/'model_other', force=True)
     bottle_dir = save_model_folder(build_model(cfg_bottle), cfg_bottle, work/'model_bottle', force=True)
-    if not a.no_small: compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc)
+    if not a.no_small and a.model: compare_trained(a, work, Path(a.model))
+    elif not a.no_small: compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc)
     if not a.no_big:
         big = write_volume(work/'big.nii.gz', a.big, tile=50)
         big_model = a.big_model or model_dir
@@ -276,13 +284,62 @@ def main():
                 print(f"    predicted foreground: {(lab > 0).mean():.1%} of the voxels")
 
 
-def compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc):
-    "The seed's way against ours on the --slices volume, each in a child process, and the ceiling"
-    nii = write_volume(work/'volume.nii.gz', a.slices)
+def volume_nifti(a, work):
+    "The NIfTI the comparison segments: `--volume` (a DICOM series converted first), else a phantom of `--slices` slices"
+    if not a.volume: return write_volume(work/'volume.nii.gz', a.slices)
+    src = Path(a.volume)
+    if src.is_file() and src.name.endswith(('.nii', '.nii.gz')): return src
+    import nibabel as nib
+    from liver_seg.dicom import read_dicom_series
+    vol = read_dicom_series(src)
+    img = nib.Nifti1Image(vol.array, vol.affine); img.header.set_qform(vol.affine, 1); img.header.set_sform(vol.affine, 1)
+    nib.save(img, str(work/'volume.nii.gz'))
+    return work/'volume.nii.gz'
+
+
+def seed_learner(a, work):
+    "The seed's exported learner.pkl (untrained), made in a child process"
     pkl_dir = work/'seed'
     r = subprocess.run(child('make_seed_learner', str(pkl_dir), str(a.size)), capture_output=True, text=True)
     if r.returncode: sys.exit(f"making the seed's learner.pkl failed:\n{r.stderr[-3000:]}")
-    pkl = pkl_dir/'learner.pkl'
+    return pkl_dir/'learner.pkl'
+
+
+def compare_trained(a, work, model):
+    "The seed's way against a trained model folder (the default recipe) on one volume, each in a child process"
+    import nibabel as nib
+    from liver_seg.predictor import get_predictor, coarse_stage
+    nii, pkl = volume_nifti(a, work), seed_learner(a, work)
+    n = nib.load(str(nii)).shape[2]
+    t = time.perf_counter(); pred = get_predictor(model, 'cpu'); coarse = coarse_stage(pred)
+    print(f"model {model}: fine {pred!r}" + (f", coarse {coarse!r}" if coarse else '') +
+          f"; loaded (graphs exported once where missing) in {time.perf_counter() - t:.1f} s, before any timing")
+    print(f"volume {nii} {nib.load(str(nii)).shape}")
+    rows = []
+    w, rss, out = measured(child('seed_predict', str(pkl), str(nii)))
+    rows.append(('seed: load_learner + to_nchan + test_dl/get_preds (fp32, 128 px out)', w, json.loads(out.strip().splitlines()[-1])[0], rss))
+    w, rss, _ = measured(['liver-seg', 'predict', model, nii, work/'pred_cli.nii.gz', '--force'])
+    rows.append(("ours: liver-seg predict (engine 'auto', full-res NIfTI, post-processed)", w, None, rss))
+    for tag, post, engine in (("engine 'auto'", '1', 'auto'), ("engine 'auto', no post-processing", '0', 'auto'), ("engine='torch'", '1', 'torch')):
+        w, rss, out = measured(child('ours_predict', str(model), str(nii), str(work/'pred_py.nii.gz'), post, engine))
+        rows.append((f"ours: predict_path ({tag})", w, float(out.strip().splitlines()[-1]), rss))
+    lab = np.asarray(nib.load(str(work/'pred_cli.nii.gz')).dataobj)
+    zs = np.flatnonzero(lab.reshape(-1, lab.shape[2]).any(0))
+    print(f"\n{'method':72s} {'wall s':>7s} {'slices/s':>9s} {'inner s':>8s} {'slices/s':>9s} {'RSS MB':>7s}")
+    for name, w, inner, rss in rows:
+        ins = f"{inner:8.1f} {n/inner:9.2f}" if inner else f"{'-':>8s} {'-':>9s}"
+        print(f"{name:72s} {w:7.1f} {n/w:9.2f} {ins} {rss:7.0f}")
+    print(f"ours labelled {(lab > 0).mean():.1%} of the voxels foreground, in slices {zs.min() if len(zs) else '-'}-{zs.max() if len(zs) else '-'} of {n}")
+    seed_w, seed_in = rows[0][1], rows[0][2]
+    print(f"\nspeed-up over the seed, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, "
+          f"predict_path {seed_w/rows[2][1]:.1f}x, without post-processing {seed_w/rows[3][1]:.1f}x, engine='torch' {seed_w/rows[4][1]:.1f}x  [{cpu_summary()}]")
+    print(f"speed-up, timed region only (seed without imports/load_learner vs the predict_path call): {seed_in/rows[2][2]:.1f}x, "
+          f"without post-processing {seed_in/rows[3][2]:.1f}x, engine='torch' {seed_in/rows[4][2]:.1f}x")
+
+
+def compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc):
+    "The seed's way against ours on the --slices volume, each in a child process, and the ceiling"
+    nii, pkl = volume_nifti(a, work), seed_learner(a, work)
     from liver_seg.predictor import get_predictor
     for d in (model_dir, other_dir, bottle_dir):  # the engine's graph is exported once per model folder, before any timing
         t = time.perf_counter(); eng = get_predictor(d, 'cpu').engine
