@@ -102,7 +102,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             preview:bool=False,     # volumes: also OUTPUT's name + .png, a montage through the liver with the labels outlined
             probabilities:bool=False, # volumes: also OUTPUT's name + _probabilities.nii.gz, the softmax per class (before post-processing)
             format:Annotated[str, dict(choices=['nifti', 'dicom-seg'])]='nifti', # dicom-seg: OUTPUT.dcm, a DICOM Segmentation of a DICOM series
-            engine:Annotated[str, dict(metavar='ENGINE', choices=['auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16'])]='auto', # CPU inference engine: auto, torch, openvino, onnxruntime or openvino-bf16; auto = OpenVINO f32 where the cpu-engine extra is installed, else torch
+            engine:Annotated[str, dict(metavar='ENGINE', choices=['auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16'])]='auto', # CPU inference engine: auto, torch, openvino, onnxruntime or openvino-bf16; auto = OpenVINO where the cpu-engine extra is installed (bf16 for a bf16 model on a CPU with bf16, else f32), else torch
             force:bool=False,       # replace an existing output (never an input)
             Quiet:bool=False):      # no progress bars or per-volume lines: only the last line
     "Segment a CT volume or a slice folder with a trained model"

@@ -96,7 +96,7 @@ def test_labels_as_torch(model_dir, data, engine, tta):
 @pytest.mark.skipif(not installed('openvino'), reason="openvino is not installed (the cpu-engine extra)")
 @pytest.mark.skipif(not E.cpu_has_bf16(), reason="this CPU has no native bf16: a bf16 model runs in fp32")
 def test_bf16_model(tmp_path, data):
-    "A bf16 model: 'openvino' runs f32 (torch fp32's labels, within the tolerance of torch's bf16); 'openvino-bf16' is the opt-in"
+    "A bf16 model: 'openvino' runs f32 (torch fp32's labels, within the tolerance of torch's bf16); 'openvino-bf16', which 'auto' picks, bf16"
     imgs, gt = data
     d = train_tiny(tmp_path/'bf16', precision='bf16')
     ref = Predictor.from_folder(d, 'cpu', engine='torch')
@@ -106,6 +106,9 @@ def test_bf16_model(tmp_path, data):
     ov16 = Predictor.from_folder(d, 'cpu', engine='openvino-bf16')
     assert repr(ov16.engine) == 'openvino bf16'
     assert (ov16.labels(imgs) != ref.labels(imgs)).mean() < 1e-2  # same network, bf16 rounding at boundary pixels only
+    auto = Predictor.from_folder(d, 'cpu')
+    assert repr(auto.engine) == 'openvino bf16' and auto.model is None  # 'auto' for a bf16 model on a bf16 CPU
+    np.testing.assert_array_equal(auto.labels(imgs), ov16.labels(imgs))
 
 
 @needs_any
