@@ -56,7 +56,7 @@ def model_volume(pred:Predictor, # the model the volume is for
     if arr.ndim != 3: raise LiverSegError(can.path or 'volume', f"expected a 3D volume, got shape {arr.shape}")
     _check_input(pred, arr, can.path or 'volume')
     if pred.kind != 'image' or arr.dtype == np.uint8: return can
-    gray, window = np.empty(arr.shape, np.uint8), pred.config['input']['hu_window']
+    gray, window = np.empty(arr.shape, np.uint8, order='F'), pred.config['input']['hu_window']  # F: slices contiguous, as nibabel reads
     for k0 in range(0, arr.shape[2], 32): gray[:, :, k0:k0 + 32] = gray_window(arr[:, :, k0:k0 + 32], window)  # no float32 volume
     return CTVolume(gray, can.affine, None, can.path)
 
@@ -79,7 +79,7 @@ def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, pr
     "uint8 labels of a volume in canonical voxel order, a slab of `batch_size` slices at a time"
     _check_orientation(pred)
     arr = model_volume(pred, can).array  # HU -> gray once for 8-bit models, not once per stage and slab
-    out = np.zeros(arr.shape, np.uint8)  # background where a coarse-to-fine model finds no liver
+    out = np.zeros(arr.shape, np.uint8, order='F')  # background where a coarse-to-fine model finds no liver; F: slabs contiguous
     if probs is not None: probs[...] = 0; probs[..., 0] = PROB_SCALE
     batch_of = lambda ks: _volume_batch(pred, arr, ks)
     for ks, lab, p in slab_labels(pred, batch_of, arr.shape[2], batch_size, tta, probs is not None, progress):
