@@ -108,14 +108,17 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
     "Segment a CT volume or a slice folder with a trained model"
     _exists(model_dir, input)
     from liver_seg.predict import predict_path
-    from liver_seg import report
     if format == 'dicom-seg' and not str(output).lower().endswith('.dcm'): raise LiverSegError(output, "a DICOM SEG output must end in .dcm")
-    extras = [('.json', report.write_label_statistics)] * statistics + [('.png', report.write_preview)] * preview
+    extras, writer = [], None
+    if statistics or preview or format == 'dicom-seg':  # only then: matplotlib and pandas are 0.7 s of start-up
+        from liver_seg import report
+        extras = [('.json', report.write_label_statistics)] * statistics + [('.png', report.write_preview)] * preview
+        writer = report.write_dicom_seg if format == 'dicom-seg' else None
     res = predict_path(model_dir, input, output, device=device, batch_size=batch_size, tta=tta,
                        postprocess=None if postprocess else False, # None: on for volumes, off for slice folders
                        encoding=encoding, allow_pickle=allow_pickle, part=part, workers=workers, series=series, force=force,
                        progress=not Quiet, probabilities=probabilities, extras=extras,
-                       writer=report.write_dicom_seg if format == 'dicom-seg' else None, engine=engine)
+                       writer=writer, engine=engine)
     if statistics and Path(res).is_dir() and part in (None, '1/1'): _statistics_table(Path(input), Path(res), force)
     print(f"prediction: {res}")
     return res

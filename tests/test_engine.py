@@ -151,20 +151,21 @@ def test_cache_reused(model_dir, monkeypatch, data):
 
 @needs_any
 def test_cached_graph_predicts_without_fastai(tmp_path):
-    "A `liver-seg predict` whose graph is cached never imports fastai's vision code: only the first run builds the U-Net"
-    import subprocess
+    "`liver-seg predict` with a cached graph never imports fastai's vision code (only the first run builds the U-Net), nor matplotlib without --statistics/--preview"
+    import subprocess, nibabel as nib
     cfg = default_config(arch='resnet18', size=32, input=HU_INPUT)
     folder = save_model_folder(build_model(cfg).eval(), cfg, tmp_path/'model')
     hu, _, aff = make_phantom((32, 32, 4), seed=0)
-    import nibabel as nib
     nib.save(nib.Nifti1Image(hu, aff), tmp_path/'ct.nii.gz')
-    code = ("import sys; from liver_seg.predict import predict_path; "
-            f"predict_path({str(folder)!r}, {str(tmp_path/'ct.nii.gz')!r}, {str(tmp_path/'out.nii.gz')!r}, device='cpu', engine={first_engine!r}, force=True, progress=False); "
-            "print('fastai.vision.learner' in sys.modules)")
-    run = lambda: subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
-    first, second = run(), run()
-    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
-    assert (first.stdout.split()[-1], second.stdout.split()[-1]) == ('True', 'False'), (first.stdout, second.stdout)
+    def run(*extra):
+        args = ['predict', str(folder), str(tmp_path/'ct.nii.gz'), str(tmp_path/'out.nii.gz'), '--force', '--engine', first_engine, *extra]
+        code = f"import sys; from liver_seg.cli import main; rc = main({args!r}); print(rc, *(m in sys.modules for m in ('fastai.vision.learner', 'matplotlib')))"
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()[-3:]
+    assert run()[:2] == ['0', 'True']  # the first run exports the graph: the network is built (and fastai brings matplotlib)
+    assert run() == ['0', 'False', 'False']
+    assert run('--statistics') == ['0', 'False', 'True']
     assert len(list((folder/E.ENGINE_DIR).glob('*.onnx'))) == 1
 
 
