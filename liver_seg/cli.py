@@ -90,7 +90,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             output:str,             # .nii.gz for a volume; a folder for slices (mask PNGs) or for a folder of volumes
             device:Annotated[str, dict(metavar='DEVICE')]='auto', # auto, cpu or cuda
             batch_size:_N=8,        # slices per forward pass
-            tta:bool=False,         # average with the left-right flipped slice
+            tta:bool=False,         # average with the left-right flipped slice (models trained with --flip only)
             postprocess:Annotated[bool, dict(help="volumes: write the network's labels without the post-processing "
                                              "(largest liver component, tumour inside it, holes filled); slice folders never get it")]=True, # volumes: keep the largest liver component, tumour inside it, fill holes
             encoding:Annotated[str, dict(choices=['012', '127'])]='012', # mask PNG values: 012 (0/1/2) or 127 (0/127/255)

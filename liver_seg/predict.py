@@ -242,6 +242,7 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                                postprocess=postprocess is None or postprocess, force=force, progress=progress, allow_pickle=allow_pickle,
                                probabilities=probabilities, extras=extras, engine=engine)
     pred = get_predictor(model, device, allow_pickle, engine)
+    if tta: pred.check_tta()  # before any work
     if kind == 'slices':
         if is_nii: raise LiverSegError(output, "a slice folder gives a folder of mask PNGs, not a NIfTI file")
         return predict_slices(pred, input, output, batch_size, device, tta, bool(postprocess), encoding, force, progress)

@@ -115,11 +115,19 @@ def class_labels(scores:torch.Tensor # N x C x H x W scores (logits or probabili
 
 # %% ../nbs/09_predictor.ipynb #e9966317
 @patch
+def check_tta(self:Predictor):
+    "Refuse flip test-time augmentation for a model whose recipe says it never saw a left-right flip"
+    if self.config.get('recipe', {}).get('flip') is False:
+        raise LiverSegError('--tta', f"{self.source}: the model was trained without left-right flips (recipe flip false), so a flipped "
+                            "slice puts the liver on the side it never saw and averaging it in ruins the labels; train with --flip to use --tta")
+
+@patch
 def scores(self:Predictor,
            imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation
            tta:bool=False # average with the left-right flipped slices (softmax)
           ) -> torch.Tensor: # float32 N x n_out x size x size: logits, or probabilities with `tta`
     "The network's output at the model's size for a batch of slices"
+    if tta: self.check_tta()
     x = torch.from_numpy(np.ascontiguousarray(imgs)).to(self.device).permute(0, 3, 1, 2)  # channels_last view
     x = _to_model_size(x, self.size) * self.scale + self.shift
     with torch.inference_mode():

@@ -152,6 +152,17 @@ def test_kill_9_during_predict_leaves_no_output(flow, tmp_path):
     run('predict', flow/'model', vol, out)   # a rerun writes it whole; the killed run's temporary file is not in the way
     assert read_labels(out).shape == (256, 256, 96)
 
+def test_tta_refused_for_a_model_trained_without_flips(flow):
+    "--tta on a model whose recipe says flip false: exit 2, one line naming the option and the model, nothing written"
+    out = flow/'pred_tta.nii.gz'
+    r = run('predict', flow/'model', flow/'lits'/'volume-0.nii.gz', out, '--tta', ok=False)
+    assert r.returncode == 2 and not out.exists(), r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and '--tta' in lines[0] and 'without left-right flips' in lines[0] and str(flow/'model') in lines[0]
+    r = run('predict', flow/'model', flow/'slices'/'images', flow/'pred_tta_slices', '--tta', ok=False)
+    assert r.returncode == 2 and not (flow/'pred_tta_slices').exists()
+
+
 def test_existing_output_is_kept_without_force(flow):
     out = flow/'pred_keep.nii.gz'
     out.write_bytes(b'keep me')
