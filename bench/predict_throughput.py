@@ -248,7 +248,6 @@ def main():
     a = ap.parse_args()
     if a.volume and not a.model: ap.error('--volume needs --model (the untrained comparison counts --slices phantom slices)')
     import torch
-    from liver_seg.model import build_model, default_config, save_model_folder
     from liver_seg.model import cpu_has_bf16
     work = Path(a.workdir or tempfile.mkdtemp(prefix='predict_bench_'))
     work.mkdir(parents=True, exist_ok=True)
@@ -256,23 +255,14 @@ def main():
     print(f"CPU threads {torch.get_num_threads()}, native bf16: {cpu_has_bf16()}, load average {os.getloadavg()[0]:.1f}, work dir {work}")
     prec = 'bf16' if cpu_has_bf16() else 'fp32'
     if a.engines: engine_forward(a.size, rounds=a.rounds, work=work)
-    import inspect
-    from liver_seg.train import train
-    default_lc = inspect.signature(train).parameters['last_cross'].default  # what `liver-seg train` builds
-    cfg = default_config(arch='resnet34', size=a.size, precision=prec,
-                         input={'kind': 'hu_windows', 'windows': [list(w) for w in WINS], 'freqhist': True, 'context': 0})
-    cfg_other = dict(cfg, arch_kwargs={'last_cross': not default_lc})   # the other network: opt-in, or the seed's
-    if not default_lc: cfg = dict(cfg, arch_kwargs={'last_cross': False})
-    cfg_bottle = dict(cfg, arch_kwargs={'bottle': True})   # `train(bottle=True)`: the full-resolution block, halved
-    torch.manual_seed(0)
-    model_dir = save_model_folder(build_model(cfg), cfg, work/'model', force=True)
-    other_dir = save_model_folder(build_model(cfg_other), cfg_other, work/'model_other', force=True)
-    bottle_dir = save_model_folder(build_model(cfg_bottle), cfg_bottle, work/'model_bottle', force=True)
+    folders = None  # the untrained model folders, made only for the runs that use them
     if not a.no_small and a.model: compare_trained(a, work, Path(a.model))
-    elif not a.no_small: compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc)
+    elif not a.no_small:
+        folders = untrained_folders(a, work, prec)
+        compare(a, work, *folders, prec)
     if not a.no_big:
         big = write_volume(work/'big.nii.gz', a.big, tile=50)
-        big_model = a.big_model or model_dir
+        big_model = a.big_model or (folders or untrained_folders(a, work, prec))[0]
         print(f"\nours on 512 x 512 x {a.big} int16 (the int16 input alone is {512*512*a.big*2/2**20:.0f} MB), model {big_model}"
               f"{'' if a.big_model else ' (untrained: noise, the worst case for post-processing)'}:")
         for extra in ([], ['--no-postprocess']):
@@ -282,6 +272,31 @@ def main():
                 import nibabel as nib
                 lab = np.asarray(nib.load(str(work/'big_pred.nii.gz')).dataobj)
                 print(f"    predicted foreground: {(lab > 0).mean():.1%} of the voxels")
+
+
+def untrained_folders(a, work, prec):
+    "Untrained resnet34 U-Net model folders at --size: the default network, the other `last_cross`, `bottle=True`; and the default `last_cross`"
+    import inspect, torch
+    from liver_seg.model import build_model, default_config, save_model_folder
+    from liver_seg.train import train
+    default_lc = inspect.signature(train).parameters['last_cross'].default  # what `liver-seg train` builds
+    cfg = default_config(arch='resnet34', size=a.size, precision=prec,
+                         input={'kind': 'hu_windows', 'windows': [list(w) for w in WINS], 'freqhist': True, 'context': 0})
+    cfg_other = dict(cfg, arch_kwargs={'last_cross': not default_lc})   # the other network: opt-in, or the seed's
+    if not default_lc: cfg = dict(cfg, arch_kwargs={'last_cross': False})
+    cfg_bottle = dict(cfg, arch_kwargs={'bottle': True})   # `train(bottle=True)`: the full-resolution block, halved
+    torch.manual_seed(0)
+    return (save_model_folder(build_model(cfg), cfg, work/'model', force=True),
+            save_model_folder(build_model(cfg_other), cfg_other, work/'model_other', force=True),
+            save_model_folder(build_model(cfg_bottle), cfg_bottle, work/'model_bottle', force=True), default_lc)
+
+
+def print_rows(rows, n, width):
+    "The table of (method, wall s, inner s or None, peak RSS MB) rows for an `n`-slice volume"
+    print(f"\n{'method':{width}s} {'wall s':>7s} {'slices/s':>9s} {'inner s':>8s} {'slices/s':>9s} {'RSS MB':>7s}")
+    for name, w, inner, rss in rows:
+        ins = f"{inner:8.1f} {n/inner:9.2f}" if inner else f"{'-':>8s} {'-':>9s}"
+        print(f"{name:{width}s} {w:7.1f} {n/w:9.2f} {ins} {rss:7.0f}")
 
 
 def volume_nifti(a, work):
@@ -325,10 +340,7 @@ def compare_trained(a, work, model):
         rows.append((f"ours: predict_path ({tag})", w, float(out.strip().splitlines()[-1]), rss))
     lab = np.asarray(nib.load(str(work/'pred_cli.nii.gz')).dataobj)
     zs = np.flatnonzero(lab.reshape(-1, lab.shape[2]).any(0))
-    print(f"\n{'method':72s} {'wall s':>7s} {'slices/s':>9s} {'inner s':>8s} {'slices/s':>9s} {'RSS MB':>7s}")
-    for name, w, inner, rss in rows:
-        ins = f"{inner:8.1f} {n/inner:9.2f}" if inner else f"{'-':>8s} {'-':>9s}"
-        print(f"{name:72s} {w:7.1f} {n/w:9.2f} {ins} {rss:7.0f}")
+    print_rows(rows, n, 72)
     print(f"ours labelled {(lab > 0).mean():.1%} of the voxels foreground, in slices {zs.min() if len(zs) else '-'}-{zs.max() if len(zs) else '-'} of {n}")
     seed_w, seed_in = rows[0][1], rows[0][2]
     print(f"\nspeed-up over the seed, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, "
@@ -337,7 +349,7 @@ def compare_trained(a, work, model):
           f"without post-processing {seed_in/rows[3][2]:.1f}x, engine='torch' {seed_in/rows[4][2]:.1f}x")
 
 
-def compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc):
+def compare(a, work, model_dir, other_dir, bottle_dir, default_lc, prec):
     "The seed's way against ours on the --slices volume, each in a child process, and the ceiling"
     nii, pkl = volume_nifti(a, work), seed_learner(a, work)
     from liver_seg.predictor import get_predictor
@@ -363,10 +375,7 @@ def compare(a, work, model_dir, other_dir, bottle_dir, prec, default_lc):
     rows.append((f"ours: predict_path ({prec}; last_cross=False; no post-processing, like the seed)", w, float(out.strip().splitlines()[-1]), rss))
     w, rss, out = measured(child('ours_predict', str(model_dir), str(nii), str(work/'pred_torch.nii.gz'), '1', 'torch'))
     rows.append((f"ours: predict_path, engine='torch' ({prec}; {net})", w, float(out.strip().splitlines()[-1]), rss))
-    print(f"\n{'method':78s} {'wall s':>7s} {'slices/s':>9s} {'inner s':>8s} {'slices/s':>9s} {'RSS MB':>7s}")
-    for name, w, inner, rss in rows:
-        ins = f"{inner:8.1f} {a.slices/inner:9.2f}" if inner else f"{'-':>8s} {'-':>9s}"
-        print(f"{name:78s} {w:7.1f} {a.slices/w:9.2f} {ins} {rss:7.0f}")
+    print_rows(rows, a.slices, 78)
     seed_w, seed_in = rows[0][1], rows[0][2]
     print(f"\nspeed-up, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, predict_path {seed_w/rows[2][1]:.1f}x  [{cpu_summary()}]")
     print(f"speed-up, timed region only (seed without imports/load_learner vs predict_path call): {seed_in/rows[2][2]:.1f}x")
