@@ -70,9 +70,9 @@ class Predictor:
     def from_folder(cls, folder, device='auto', allow_pickle:bool=False, engine:str='auto'):
         "Load a model folder (safe weights + config.json): from its cached engine graph if it has one, else its network rebuilt"
         from liver_seg.model import read_config, read_weights, load_model_folder
-        cfg, state = read_config(folder), read_weights(folder)
-        if state is None: state, cfg = load_model_folder(folder, allow_pickle=allow_pickle)  # the error, or the pickle's network
-        pred = cls(state, cfg, device, engine, folder)
+        cfg, weights = read_config(folder), read_weights(folder)
+        if weights is None: net, cfg = load_model_folder(folder, allow_pickle=allow_pickle)  # no weights: the error, or the pickle's network
+        pred = cls(weights if weights is not None else net, cfg, device, engine, folder)
         pred.source = Path(folder)/'config.json'
         return pred
 
