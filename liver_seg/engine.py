@@ -10,12 +10,12 @@ import contextlib, hashlib, importlib, io, json, os, tempfile, warnings
 from pathlib import Path
 import torch
 from .io import LiverSegError
-from .model import cpu_has_bf16
+from .model import cpu_has_bf16, weights_file
 
 # %% auto #0
-__all__ = ['OPSET', 'ENGINE_DIR', 'ENGINES', 'cpu_threads', 'export_onnx', 'write_atomic', 'graph_key', 'user_cache_dir',
-           'cache_dirs', 'find_graph', 'cached_graph', 'TorchEngine', 'OnnxRuntimeEngine', 'OpenVINOEngine',
-           'auto_engines', 'load_engine', 'open_cached_engine']
+__all__ = ['OPSET', 'ENGINE_DIR', 'GRAPH_FORMAT', 'ENGINES', 'cpu_threads', 'export_onnx', 'write_atomic', 'graph_key',
+           'user_cache_dir', 'cache_dirs', 'find_graph', 'split_graph', 'cached_graph', 'folder_graph_key',
+           'TorchEngine', 'OnnxRuntimeEngine', 'OpenVINOEngine', 'auto_engines', 'load_engine', 'open_cached_engine']
 
 # %% ../nbs/09b_engine.ipynb #e0a1b2d2
 def cpu_threads() -> int:
@@ -64,12 +64,18 @@ def write_atomic(path, # the file to write
 # %% ../nbs/09b_engine.ipynb #e0a1b2f2
 ENGINE_DIR = '.engine' # subfolder of a model folder holding its exported graph
 
+GRAPH_FORMAT = 2 # 2: the weights in `<key>.onnx.data` beside the graph (memory-mapped when read); 1: inside the .onnx
+
+def _shape_key(config:dict) -> str:
+    "What names a graph besides its weights: the config keys that shape the network, torch's version, the opset and the file format"
+    shape = {k: config.get(k) for k in ('arch', 'arch_kwargs', 'size', 'n_in', 'n_out')}
+    return json.dumps([shape, torch.__version__, OPSET, GRAPH_FORMAT], sort_keys=True, default=str)
+
 def graph_key(state:dict, # the network's weights: `model.state_dict()`, or a model folder's `read_weights`
               config:dict # its `config.json` dict
              ) -> str: # 24 hex digits
-    "Name of the exported graph of a network with weights `state`: a hash of the weights, the config keys that shape the network, torch's version and the opset"
-    shape = {k: config.get(k) for k in ('arch', 'arch_kwargs', 'size', 'n_in', 'n_out')}
-    h = hashlib.sha256(json.dumps([shape, torch.__version__, OPSET], sort_keys=True, default=str).encode())
+    "Name of the exported graph of a network with weights `state`: a hash of the weights and of `_shape_key(config)`"
+    h = hashlib.sha256(_shape_key(config).encode())
     for k in sorted(state):  # sorted: a state dict read back from a file need not keep the network's order
         v = state[k].detach().cpu().contiguous()
         h.update(f'{k}{tuple(v.shape)}{v.dtype}'.encode())
@@ -89,33 +95,74 @@ def find_graph(name:str, # the graph's file name (`graph_key` + '.onnx')
                dirs:list, # folders to look in, first choice first (`cache_dirs`)
                bad=None # a cached file known not to load: skipped
               ) -> Path|None:
-    "The first readable file `name` in `dirs`, or None"
+    "The first readable graph `name` in `dirs` whose weights file (`name` + '.data') is there too, or None"
     bad = Path(bad) if bad is not None else None
     for d in map(Path, dirs):
-        if d/name != bad and (d/name).is_file() and os.access(d/name, os.R_OK): return d/name
+        f, data = d/name, d/(name + '.data')
+        if f != bad and all(p.is_file() and os.access(p, os.R_OK) for p in (f, data)): return f
     return None
+
+def split_graph(data:bytes, # a serialised ONNX model with its weights inside (`export_onnx`)
+                location:str # the weights file's name, relative to the graph's folder
+               ) -> tuple: # (the graph, its weights' raw bytes)
+    "An ONNX model as a small graph naming `location` for its weights, and those weights: the engines memory-map them instead of parsing 165 MB"
+    import onnx
+    from onnx.external_data_helper import set_external_data
+    m, blob = onnx.load_from_string(data), io.BytesIO()
+    for t in m.graph.initializer:
+        if t.HasField('raw_data') and len(t.raw_data) >= 1024:  # small tensors stay inline, as onnx.save does
+            blob.write(b'\0' * (-blob.tell() % 64))  # aligned offsets
+            set_external_data(t, location, offset=blob.tell(), length=len(t.raw_data))
+            blob.write(t.raw_data)
+            t.ClearField('raw_data'); t.data_location = onnx.TensorProto.EXTERNAL
+    return m.SerializeToString(), blob.getvalue()
 
 def cached_graph(model:torch.nn.Module, # the network
                  config:dict, # its `config.json` dict
                  dirs:list, # folders to look in and write to, first choice first (`cache_dirs`)
                  bad=None # a cached file that failed to load: export again over it (or elsewhere if that folder is read-only)
                 ) -> tuple: # (path of the ONNX file, True if this call exported it)
-    "The ONNX graph of `model`: read from the first of `dirs` that holds it, else exported into the first that can be written"
+    "The ONNX graph of `model` (and its `.data`): read from the first of `dirs` that holds it, else exported into the first that can be written"
     name = graph_key(model.state_dict(), config) + '.onnx'
     found = find_graph(name, dirs, bad)
     if found is not None: return found, False
     data, errors = None, []
     for d in map(Path, dirs):
-        if data is None: data = export_onnx(model, int(config['size']), int(config.get('n_in', 3)))
-        try: write_atomic(d/name, data)
+        if data is None: data = split_graph(export_onnx(model, int(config['size']), int(config.get('n_in', 3))), name + '.data')
+        try:
+            write_atomic(d/(name + '.data'), data[1])  # weights first: a graph file found always has its weights
+            write_atomic(d/name, data[0])
         except OSError as e:
             errors.append(f"{d}: {e.strerror or e}"); continue
         if d.name == ENGINE_DIR:  # a model folder's cache holds its current graph only
-            for old in d.glob('*.onnx'):
-                if old.name != name:
+            for old in [*d.glob('*.onnx'), *d.glob('*.onnx.data')]:
+                if not old.name.startswith(name):
                     with contextlib.suppress(OSError): old.unlink()
         return d/name, True
     raise OSError("cannot write the exported graph: " + '; '.join(errors))
+def _memo_files(weights:Path) -> list:
+    "Where the graph key of a weights file is remembered: its model folder's `.engine`, then the user's cache (by the file's path)"
+    return [weights.parent/ENGINE_DIR/'weights.key', user_cache_dir()/(hashlib.sha256(str(weights.resolve()).encode()).hexdigest()[:24] + '.key')]
+
+def folder_graph_key(state:dict, # the model folder's weights, as `read_weights` read them
+                     config:dict, # its `config.json` dict
+                     folder # the model folder
+                    ) -> str: # `graph_key(state, config)`
+    "`graph_key` of a model folder's weights, remembered against the weights file's name, size and modification time"
+    f = weights_file(folder)
+    if f is None: return graph_key(state, config)
+    st = f.stat()
+    stamp = [f.name, st.st_size, st.st_mtime_ns, _shape_key(config)]
+    for m in _memo_files(f):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            memo = json.loads(m.read_text())
+            if memo['stamp'] == stamp: return memo['key']
+    key = graph_key(state, config)
+    for m in _memo_files(f):
+        try: write_atomic(m, json.dumps({'stamp': stamp, 'key': key}).encode()); break
+        except OSError: continue
+    return key
+
 
 # %% ../nbs/09b_engine.ipynb #e0a1b302
 def _numpy(x:torch.Tensor):
@@ -243,7 +290,7 @@ def open_cached_engine(state:dict, # a model folder's weights (`liver_seg.model.
                        threads:int|None=None):
     "The engine `load_engine` would build, from a graph already cached for these weights; None if there is none or it does not load"
     name = _engine_to_build(engine, torch.device(device), amp, folder, warn=False)
-    path = find_graph(graph_key(state, config) + '.onnx', cache_dirs(folder)) if name is not None else None
+    path = find_graph(folder_graph_key(state, config, folder) + '.onnx', cache_dirs(folder)) if name is not None else None
     if path is None: return None
     try: eng = _compile(name, path, threads or cpu_threads())
     except Exception: return None  # a damaged graph: `load_engine` exports it again

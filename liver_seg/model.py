@@ -17,8 +17,8 @@ from .windows import DEFAULT_WINDOWS
 
 # %% auto #0
 __all__ = ['CONFIG_SCHEMA', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state', 'write_model_files',
-           'save_model_folder', 'cpu_has_bf16', 'check_config', 'read_config', 'read_weights', 'load_model_folder',
-           'model_from_state', 'load_learner_pkl']
+           'save_model_folder', 'cpu_has_bf16', 'check_config', 'read_config', 'weights_file', 'read_weights',
+           'load_model_folder', 'model_from_state', 'load_learner_pkl']
 
 # %% ../nbs/06_model.ipynb #a3b31dbb
 def default_config(**kwargs):
@@ -167,19 +167,20 @@ def read_config(folder):
     if not isinstance(cfg, dict) or 'arch' not in cfg: raise LiverSegError(f, "no 'arch' in the config")
     return default_config(**{'orientation': None, **check_config(cfg, f)})  # a folder from before the convention says so
 
+def weights_file(folder) -> Path|None: # a model folder
+    "The file `read_weights` reads: `weights.safetensors`, else `weights.pth`, else None"
+    return next((f for f in (Path(folder)/'weights.safetensors', Path(folder)/'weights.pth') if f.exists()), None)
+
 def read_weights(folder): # a model folder
     "The state dict in `folder`'s `weights.safetensors` (or `weights.pth`, read without pickle), or None if it has neither"
     from safetensors.torch import load_file
-    folder = Path(folder)
-    f = folder/'weights.safetensors'
-    if f.exists():
+    f = weights_file(folder)
+    if f is None: return None
+    if f.suffix == '.safetensors':
         try: return load_file(str(f))
         except Exception as e: raise LiverSegError(f, f"cannot read weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    f = folder/'weights.pth'
-    if f.exists():
-        try: return torch.load(f, map_location='cpu', weights_only=True)
-        except Exception as e: raise LiverSegError(f, f"cannot read weights ({type(e).__name__})") from None
-    return None
+    try: return torch.load(f, map_location='cpu', weights_only=True)
+    except Exception as e: raise LiverSegError(f, f"cannot read weights ({type(e).__name__})") from None
 
 def load_model_folder(folder, # a model folder written by `train` or `save_model_folder`
                       allow_pickle:bool=False, # fall back to learner.pkl (runs code from the file) if there are no weights

@@ -1,5 +1,6 @@
 "CPU inference engines (liver_seg.engine): labels as torch's, the graph cache reused and repaired, torch when an engine cannot run"
 import os, sys, warnings
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -170,17 +171,20 @@ def test_cached_graph_predicts_without_fastai(tmp_path):
 
 
 @needs_any
+@pytest.mark.parametrize('part', ['graph', 'weights'])
 @pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
-def test_corrupt_cache_replaced(model_dir, data, damage):
+def test_corrupt_cache_replaced(model_dir, data, damage, part):
+    "A damaged graph file, or its `.data` weights file, is exported again quietly"
     imgs, gt = data
     g = Predictor.from_folder(model_dir, 'cpu', engine=first_engine).engine.graph
-    good = g.read_bytes()
-    g.write_bytes({'truncated': good[:len(good) // 3], 'garbage': b'not an onnx graph' * 50, 'empty': b''}[damage])
+    f = g if part == 'graph' else Path(str(g) + '.data')
+    good = f.read_bytes()
+    f.write_bytes({'truncated': good[:len(good) // 3], 'garbage': b'not an onnx graph' * 50, 'empty': b''}[damage])
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # repaired quietly, no fallback warning
         p = Predictor.from_folder(model_dir, 'cpu', engine=first_engine)
     assert p.engine.name == first_engine and p.engine.exported and p.engine.graph == g
-    assert g.read_bytes() == good
+    assert f.read_bytes() == good
     assert_agrees(p.labels(imgs), Predictor.from_folder(model_dir, 'cpu', engine='torch').labels(imgs), gt)
 
 
@@ -190,15 +194,39 @@ def test_stale_graph_replaced(tmp_path, model_dir):
     d = tmp_path/'m'
     import shutil; shutil.copytree(model_dir, d)
     old = Predictor.from_folder(d, 'cpu', engine=first_engine).engine.graph
-    old_bytes = old.read_bytes()
+    old_bytes, old_data = old.read_bytes(), Path(str(old) + '.data').read_bytes()
     from liver_seg.model import load_model_folder
     net, cfg = load_model_folder(d)
     with torch.no_grad(): net[-1].bias += 1
     save_model_folder(net, cfg, d, force=True)
-    (d/E.ENGINE_DIR).mkdir(exist_ok=True); (d/E.ENGINE_DIR/old.name).write_bytes(old_bytes)  # save_model_folder replaced the folder; put the stale graph back
+    (d/E.ENGINE_DIR).mkdir(exist_ok=True)  # save_model_folder replaced the folder; put the stale graph back
+    (d/E.ENGINE_DIR/old.name).write_bytes(old_bytes); (d/E.ENGINE_DIR/(old.name + '.data')).write_bytes(old_data)
     p = Predictor.from_folder(d, 'cpu', engine=first_engine)
     assert p.engine.exported and p.engine.graph != old
-    assert [f.name for f in (d/E.ENGINE_DIR).glob('*.onnx')] == [p.engine.graph.name]
+    name = p.engine.graph.name
+    assert sorted(f.name for f in (d/E.ENGINE_DIR).glob('*.onnx*')) == [name, name + '.data']
+
+
+@needs_any
+def test_rewritten_weights_are_hashed_again(tmp_path, model_dir, data):
+    "Weights rewritten in place (same size, same folder, the old graph and its remembered key still there): the new weights' graph runs"
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    d = tmp_path/'m'; shutil.copytree(model_dir, d)
+    old = Predictor.from_folder(d, 'cpu', engine=first_engine).engine.graph
+    assert (d/E.ENGINE_DIR/'weights.key').is_file()
+    state = load_file(d/'weights.safetensors')
+    last_bias = [k for k in state if k.endswith('bias')][-1]
+    state[last_bias] = state[last_bias] + 5 * (torch.arange(len(state[last_bias])) == 1)  # the output layer: far more liver
+    size = (d/'weights.safetensors').stat().st_size
+    with safe_open(d/'weights.safetensors', 'pt') as f: meta = f.metadata()
+    save_file(state, d/'weights.safetensors', metadata=meta)
+    assert (d/'weights.safetensors').stat().st_size == size
+    p = Predictor.from_folder(d, 'cpu', engine=first_engine)
+    assert p.engine.exported and p.engine.graph != old
+    imgs, gt = data
+    assert_agrees(p.labels(imgs), Predictor.from_folder(d, 'cpu', engine='torch').labels(imgs), gt)
 
 
 @needs_any
