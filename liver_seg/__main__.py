@@ -1,5 +1,4 @@
 "Run the `liver-seg` command line as `python -m liver_seg`"
-import sys
-from liver_seg.cli import main
+from liver_seg.cli import run
 
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__": run()
