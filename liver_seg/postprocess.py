@@ -48,6 +48,10 @@ def _face_pairs(prev, first, structure):
         res.append(np.stack([a[m], b[m]]).astype(np.int64))
     return np.concatenate(res, axis=1) if res else np.zeros((2, 0), np.int64)
 
+def _sizes(lab, n:int) -> np.ndarray:
+    "Voxels of each of the `n` labels of `lab`: one `count_nonzero` when there is one, as in most predictions"
+    return np.array([np.count_nonzero(lab)] if n == 1 else np.bincount(lab.ravel(), minlength=n + 1)[1:n + 1], np.int64)
+
 def select_components(mask, # boolean volume (X, Y, Z)
                       keep, # keep(sizes, border) -> boolean array: which components to keep
                       structure=None, # connectivity (default: faces, as `ndimage.label`)
@@ -74,7 +78,7 @@ def select_components(mask, # boolean volume (X, Y, Z)
             e = _face_pairs(prev, lab[:, :, 0], structure)
             edges.append(e + np.array([[offs[-1] - 1], [n_all - 1]]))
         offs.append(n_all); n_all += n
-        sizes.append(np.bincount(lab.ravel(), minlength=n + 1)[1:]); border.append(b[1:])
+        sizes.append(_sizes(lab, n)); border.append(b[1:])
         prev = lab[:, :, -1].copy()
     if n_all == 0: return np.zeros(mask.shape, bool)
     e = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64)
@@ -85,9 +89,11 @@ def select_components(mask, # boolean volume (X, Y, Z)
     out = np.zeros(mask.shape, bool)
     offs.append(n_all)
     for i, (k0, k1) in enumerate(bounds):
-        if len(bounds) > 1: lab, _ = _label(slab(k0, k1), structure)
-        lut = np.concatenate([[False], chosen[comp[offs[i]:offs[i + 1]]]])
-        out[:, :, k0:k1] = lut[lab]
+        picked = chosen[comp[offs[i]:offs[i + 1]]]
+        if picked.all(): out[:, :, k0:k1] = slab(k0, k1)  # every component of the slab (or none: `out` is zero there)
+        elif picked.any():
+            if len(bounds) > 1: lab, _ = _label(slab(k0, k1), structure)
+            out[:, :, k0:k1] = np.concatenate([[False], picked])[lab]
     return out
 
 # %% ../nbs/08_postprocess.ipynb #4c2e9329
