@@ -14,7 +14,7 @@ from .io import (find_inputs, READERS, LiverSegError, CTVolume, ORIENTATION, to_
                           write_labels, find_slice_pairs, read_image, nifti_stem)
 from .windows import volume_channels, gray_window, DEFAULT_WINDOWS
 from .slices import MASK_VALUES
-from .predictor import Predictor, get_predictor, _progress, slab_labels, PREDICT_BATCH
+from .predictor import Predictor, get_predictor, _progress, slab_labels, coarse_stage, PREDICT_BATCH
 
 # %% auto #0
 __all__ = ['PROB_SCALE', 'model_volume', 'predict_volume', 'predict_slices', 'side_path', 'write_probabilities', 'predict_path',
@@ -241,24 +241,39 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
         return predict_volumes(model, input, output, part=part, workers=workers, batch_size=batch_size, device=device, tta=tta,
                                postprocess=postprocess is None or postprocess, force=force, progress=progress, allow_pickle=allow_pickle,
                                probabilities=probabilities, extras=extras, engine=engine)
-    pred = get_predictor(model, device, allow_pickle, engine)
-    if tta: pred.check_tta()  # before any work
     if kind == 'slices':
         if is_nii: raise LiverSegError(output, "a slice folder gives a folder of mask PNGs, not a NIfTI file")
+        pred = get_predictor(model, device, allow_pickle, engine)
+        if tta: pred.check_tta()  # before any work
         return predict_slices(pred, input, output, batch_size, device, tta, bool(postprocess), encoding, force, progress)
     if not is_nii and writer is None: raise LiverSegError(output, "output of a volume must end in .nii.gz (or .nii)")
+    pred, vol = _open_while_reading(model, device, allow_pickle, engine, tta, input, kind, series)
     return _predict_file(pred, input, kind, output, batch_size, tta, postprocess is None or postprocess, force, progress,
-                         series, inputs, probabilities, extras, writer)
+                         series, inputs, probabilities, extras, writer, vol)
+
+def _open_while_reading(model, device, allow_pickle:bool, engine:str, tta:bool, src:Path, kind:str, series:str|None) -> tuple:
+    "(predictor with its coarse stage, volume): the volume is read in a thread while the model opens (zlib and OpenVINO's compiler release the GIL)"
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1, thread_name_prefix='liver_seg_read')
+    try:
+        reading = pool.submit(_read_volume, src, kind, series)
+        pred = get_predictor(model, device, allow_pickle, engine)
+        if tta: pred.check_tta()  # before the work of the stages
+        coarse_stage(pred)
+        return pred, reading.result()
+    finally: pool.shutdown(wait=False, cancel_futures=True)  # a model error is reported now, not when the read ends
 
 def _free_voxels(vol:CTVolume):
     "Drop a volume's voxels (its HU) and keep its geometry: the writers need only that"
     vol.array = np.broadcast_to(np.zeros((), vol.array.dtype), vol.shape)
 
 def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int, tta:bool, postprocess:bool, force:bool, progress:bool,
-                  series:str|None=None, inputs=(), probabilities:bool=False, extras=(), writer=None) -> Path:
+                  series:str|None=None, inputs=(), probabilities:bool=False, extras=(), writer=None,
+                  vol:CTVolume|None=None # `src` already read
+                 ) -> Path:
     "Read one volume, segment it, post-process it in place, and write `dest` (and the files beside it) in its geometry"
     _check_orientation(pred)  # before reading a volume it cannot be used on
-    vol, inputs = _read_volume(src, kind, series), [src, *inputs]
+    vol, inputs = (_read_volume(src, kind, series) if vol is None else vol), [src, *inputs]
     can = model_volume(pred, to_canonical(vol))
     if not extras and not np.may_share_memory(can.array, vol.array): _free_voxels(vol)  # 8-bit model: the gray is all it reads
     probs = np.empty(can.shape + (pred.config.get('n_out', 3),), np.uint16) if probabilities else None

@@ -169,8 +169,9 @@ def liver_region(pred:Predictor, # a coarse-to-fine model (with `coarse_stage`)
     "The box around the liver that the coarse stage finds: every slice at its low resolution, the largest component"
     coarse, cas = coarse_stage(pred), pred.config['cascade']
     low = hw = None
-    for k0 in range(0, n, batch_size):
-        ks = np.arange(k0, min(k0 + batch_size, n))
+    step = batch_size * max(1, (pred.size // coarse.size) ** 2)  # as many network input pixels per batch as the fine stage's
+    for k0 in range(0, n, step):
+        ks = np.arange(k0, min(k0 + step, n))
         imgs = batch_of(ks)
         fg = class_labels(coarse.scores(imgs)).cpu().numpy() > 0
         if low is None: low, hw = np.zeros((n,) + fg.shape[1:], bool), imgs.shape[1:3]

@@ -160,5 +160,7 @@ def gray_window(hu,                        # HU array of any shape (int or float
     "8-bit gray of HU through one window: clipped to `[l - w//2, l + w//2]`, scaled to 0-255, rounded half up"
     (w, l), = get_windows([window])
     lo = l - w//2
-    g = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) * np.float32(255 / (2*(w//2)))
-    return np.clip(np.floor(g + np.float32(0.5)), 0, 255).astype(np.uint8)
+    g = np.array(hu, dtype=np.float32)  # one float32 copy, worked on in place: each new array costs its page faults
+    g -= np.float32(lo); g *= np.float32(255 / (2*(w//2))); g += np.float32(0.5)
+    np.floor(g, out=g); np.clip(g, 0, 255, out=g)
+    return g.astype(np.uint8)
