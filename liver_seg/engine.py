@@ -140,6 +140,7 @@ def cached_graph(model:torch.nn.Module, # the network
                     with contextlib.suppress(OSError): old.unlink()
         return d/name, True
     raise OSError("cannot write the exported graph: " + '; '.join(errors))
+
 def _memo_files(weights:Path) -> list:
     "Where the graph key of a weights file is remembered: its model folder's `.engine`, then the user's cache (by the file's path)"
     return [weights.parent/ENGINE_DIR/'weights.key', user_cache_dir()/(hashlib.sha256(str(weights.resolve()).encode()).hexdigest()[:24] + '.key')]
