@@ -192,7 +192,7 @@ class OnnxRuntimeEngine:
                  threads:int): # intra-op threads
         import onnxruntime as ort
         so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 4  # fatal only: errors reach us as exceptions
         so.add_session_config_entry('session.intra_op.allow_spinning', '0')
         self.session, self.threads = ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider']), threads
     def __call__(self, x:torch.Tensor) -> torch.Tensor: return torch.from_numpy(self.session.run(None, {'x': _numpy(x)})[0])

@@ -188,6 +188,17 @@ def test_corrupt_cache_replaced(model_dir, data, damage, part):
     assert_agrees(p.labels(imgs), Predictor.from_folder(model_dir, 'cpu', engine='torch').labels(imgs), gt)
 
 
+@pytest.mark.skipif(not installed('onnxruntime'), reason='onnxruntime is not installed')
+def test_onnxruntime_repair_is_quiet(model_dir, capfd):
+    "A damaged weights file is exported again under ONNX Runtime too, and its own log prints nothing on the way"
+    g = Predictor.from_folder(model_dir, 'cpu', engine='onnxruntime').engine.graph
+    d = Path(str(g) + '.data'); d.write_bytes(d.read_bytes()[:1000])
+    capfd.readouterr()
+    p = Predictor.from_folder(model_dir, 'cpu', engine='onnxruntime')
+    assert p.engine.name == 'onnxruntime' and p.engine.exported
+    assert 'onnxruntime' not in capfd.readouterr().err
+
+
 @needs_any
 def test_stale_graph_replaced(tmp_path, model_dir):
     "New weights in the same folder: a new graph, and the old one goes"
