@@ -259,6 +259,7 @@ def _open_while_reading(model, device, allow_pickle:bool, engine:str, tta:bool, 
         reading = pool.submit(_read_volume, src, kind, series)
         pred = get_predictor(model, device, allow_pickle, engine)
         if tta: pred.check_tta()  # before the work of the stages
+        _check_orientation(pred)  # a model that cannot be used on volumes is refused before the read is waited for
         coarse_stage(pred)
         return pred, reading.result()
     finally: pool.shutdown(wait=False, cancel_futures=True)  # a model error is reported now, not when the read ends
