@@ -28,15 +28,14 @@ from accuracy_real import link_cases, case_of, REAL  # noqa: E402
 
 def seed_masks(src, dst, cases):
     "The slices of `cases` as the seed's folders: train_images/ (symlinks) and train_masks/<stem>_mask.png with 0/1/2"
-    import numpy as np
     from PIL import Image
     from liver_seg.io import read_mask
     (dst/'train_images').mkdir(parents=True, exist_ok=True); (dst/'train_masks').mkdir(exist_ok=True)
     for f in sorted((src/'images').iterdir()):
         if case_of(f.stem) not in cases: continue
         (dst/'train_images'/f.name).symlink_to(f.resolve())
-        m = next((src/'masks').glob(f.stem + '.*'))
-        Image.fromarray(np.asarray(read_mask(m, '127'), np.uint8)).save(dst/'train_masks'/f'{f.stem}_mask.png')
+        mask = read_mask(src/'masks'/f.name, '127')  # images/ and masks/ share names (ct-slices' README)
+        Image.fromarray(mask).save(dst/'train_masks'/f'{f.stem}_mask.png')
 
 
 def seed_epoch(folder, valid):
