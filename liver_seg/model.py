@@ -14,22 +14,11 @@ from . import __version__
 from .io import LiverSegError, ORIENTATION, atomic_path
 from .core import CODES
 from .windows import DEFAULT_WINDOWS
+from .config import default_config, check_config, read_config, weights_file, cpu_has_bf16, CONFIG_SCHEMA
 
 # %% auto #0
-__all__ = ['CONFIG_SCHEMA', 'default_config', 'SimpleCNN', 'encoder_arch', 'build_model', 'model_state', 'write_model_files',
-           'save_model_folder', 'cpu_has_bf16', 'check_config', 'read_config', 'weights_file', 'read_weights',
+__all__ = ['SimpleCNN', 'encoder_arch', 'build_model', 'model_state', 'write_model_files', 'save_model_folder', 'read_weights',
            'load_model_folder', 'model_from_state', 'load_learner_pkl']
-
-# %% ../nbs/06_model.ipynb #a3b31dbb
-def default_config(**kwargs):
-    "A complete `config.json` dict with the project's defaults, updated with `kwargs`"
-    cfg = {"library_version": __version__, "arch": "resnet34", "size": 128, "n_in": 3, "n_out": 3,
-           "codes": list(CODES),
-           "input": {"kind": "image", "windows": [list(w) for w in DEFAULT_WINDOWS], "freqhist": True, "context": 0},
-           "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-           "resize": "squish", "precision": "fp32", "orientation": ORIENTATION, "recipe": {}, "split": {"train_cases": [], "valid_cases": []}}
-    cfg.update(kwargs)
-    return cfg
 
 # %% ../nbs/06_model.ipynb #17e390d7
 def _conv(ni, nf, stride=1):
@@ -106,71 +95,7 @@ def save_model_folder(model:nn.Module, # the trained network
         if history is not None: history.to_csv(tmp/'history.csv', index=False)
     return folder
 
-# %% ../nbs/06_model.ipynb #8d0df28d
-_NO_BF16_ISA = {'sse41', 'avx', 'avx2', 'avx2_vnni', 'avx2_vnni_2', 'avx512_core', 'avx512_core_vnni'} # oneDNN caps below AVX512-BF16
-
-def cpu_has_bf16() -> bool:
-    "True if this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX) and oneDNN is allowed to use them"
-    cap = (os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or '').lower()
-    if cap in _NO_BF16_ISA: return False  # capped by the user, e.g. to time what an AVX2-only CPU would do
-    for name in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'):
-        f = getattr(torch.cpu, name, None)
-        try:
-            if f is not None and f(): return True
-        except Exception: pass
-    return False
-
 # %% ../nbs/06_model.ipynb #e08c4cda
-def _int(lo, hi): return (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"an integer from {lo} to {hi}")
-def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-def _nums(v, n=None) -> bool: return isinstance(v, list) and len(v) > 0 and all(_num(x) for x in v) and (n is None or len(v) == n)
-def _one_of(*vals): return (lambda v: v in vals, ' or '.join(map(repr, vals)))
-
-CONFIG_SCHEMA = {  # key: (test of the value, what it may hold); `input` and `normalize` are dicts of their own keys
-    'arch': (lambda v: isinstance(v, str) and v.strip() != '', "an architecture name such as 'resnet34'"),
-    'size': _int(16, 4096), 'n_in': _int(1, 16), 'n_out': _int(2, 64),
-    'codes': (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of class names"),
-    'input.kind': _one_of('image', 'hu_windows'),
-    'input.windows': (lambda v: isinstance(v, list) and all(_nums(w, 2) and w[0] > 0 for w in v), "a list of [width > 0, level] pairs"),
-    'input.freqhist': (lambda v: isinstance(v, bool), "true or false"),
-    'input.context': _int(0, 1),
-    'normalize.mean': (_nums, "a list of numbers"),
-    'normalize.std': (lambda v: _nums(v) and min(v) > 0, "a list of numbers > 0"),
-    'resize': _one_of('squish'),
-    'precision': _one_of('auto', 'fp32', 'bf16', 'fp16'),
-    'orientation': (lambda v: v is None or isinstance(v, str), "a convention name"),
-    'arch_kwargs': (lambda v: isinstance(v, dict), "a dict of U-Net options"),
-}
-
-def check_config(cfg:dict, # a `config.json` dict
-                 path='config.json'): # the file, named in errors
-    "Refuse a config whose values `CONFIG_SCHEMA` does not allow, naming the key, its value and what it may hold"
-    for key, (ok, what) in CONFIG_SCHEMA.items():
-        outer, _, inner = key.partition('.')
-        v = cfg.get(outer, None)
-        if inner:
-            if v is None: continue
-            if not isinstance(v, dict): raise LiverSegError(path, f"{outer!r} is {json.dumps(v)[:40]}, expected a dict")
-            v = v.get(inner, None)
-        if v is None: continue  # missing: the default applies
-        if not ok(v): raise LiverSegError(path, f"{key!r} is {json.dumps(v)[:40]}, expected {what}")
-    return cfg
-
-def read_config(folder):
-    "The `config.json` dict of model folder `folder`, checked against `CONFIG_SCHEMA`"
-    folder = Path(folder)
-    if not folder.is_dir(): raise LiverSegError(folder, "model folder not found")
-    f = folder/'config.json'
-    if not f.exists(): raise LiverSegError(f, "missing: not a model folder written by liver-seg train")
-    try: cfg = json.loads(f.read_text())
-    except (ValueError, UnicodeDecodeError) as e: raise LiverSegError(f, f"not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or 'arch' not in cfg: raise LiverSegError(f, "no 'arch' in the config")
-    return default_config(**{'orientation': None, **check_config(cfg, f)})  # a folder from before the convention says so
-
-def weights_file(folder) -> Path|None: # a model folder
-    "The file `read_weights` reads: `weights.safetensors`, else `weights.pth`, else None"
-    return next((f for f in (Path(folder)/'weights.safetensors', Path(folder)/'weights.pth') if f.exists()), None)
-
 def read_weights(folder): # a model folder
     "The state dict in `folder`'s `weights.safetensors` (or `weights.pth`, read without pickle), or None if it has neither"
     from safetensors.torch import load_file
