@@ -17,17 +17,18 @@ from accuracy_real import REAL, ROOT, link_cases  # noqa: E402
 
 def predict_mean(preds, rows, out):
     "Write one 0/1/2 mask PNG per slice: argmax of the mean softmax of `preds` (Predictors), per case in batches of 16"
-    import numpy as np, torch, torch.nn.functional as F
+    import numpy as np
     from PIL import Image
     from liver_seg.predict import _slice_images
+    from liver_seg.predictor import _softmax, _resize_maps, class_labels
     out.mkdir(parents=True)
     for _, case in rows.groupby('case', sort=False):
         for i in range(0, len(case), 16):
             chunk = case.iloc[i:i + 16]
             imgs = np.stack(_slice_images(preds[0], chunk))
-            p = sum(pr.scores(imgs).softmax(1) for pr in preds) / len(preds)
-            lab = F.interpolate(p, size=imgs.shape[1:3], mode='bilinear', align_corners=False).argmax(1).to(torch.uint8)
-            for img, l in zip(chunk['image'], lab.numpy()): Image.fromarray(l).save(out/f"{Path(img).stem}.png")
+            p = sum(_softmax(pr.scores(imgs)) for pr in preds) / len(preds)
+            lab = class_labels(_resize_maps(p, imgs.shape[1:3]))  # as `Predictor.labels`: resized to the slice, then argmax
+            for img, l in zip(chunk['image'], lab): Image.fromarray(l).save(out/f"{Path(img).stem}.png")
     return out
 
 

@@ -8,9 +8,10 @@ Docs: https://liver-seg.github.io/liver_seg/engine.html.md"""
 from __future__ import annotations
 import contextlib, hashlib, importlib, io, json, os, tempfile, warnings
 from pathlib import Path
-import torch
+import sys
+import numpy as np
 from .io import LiverSegError
-from .model import cpu_has_bf16, weights_file
+from .config import cpu_has_bf16, weights_file
 
 # %% auto #0
 __all__ = ['OPSET', 'ENGINE_DIR', 'GRAPH_FORMAT', 'ENGINES', 'cpu_threads', 'export_onnx', 'write_atomic', 'graph_key',
@@ -19,19 +20,24 @@ __all__ = ['OPSET', 'ENGINE_DIR', 'GRAPH_FORMAT', 'ENGINES', 'cpu_threads', 'exp
 
 # %% ../nbs/09b_engine.ipynb #e0a1b2d2
 def cpu_threads() -> int:
-    "Threads for an engine: the cores this process may run on, or fewer if torch was told to use fewer"
+    "Threads for an engine: the cores this process may run on, or fewer if `OMP_NUM_THREADS` or a loaded torch says fewer"
     try: cores = len(os.sched_getaffinity(0))
     except AttributeError: cores = os.cpu_count() or 1  # no affinity call on macOS and Windows
-    return max(1, min(cores, torch.get_num_threads()))
+    limits = [cores]
+    with contextlib.suppress(ValueError): limits.append(int(os.environ.get('OMP_NUM_THREADS', '')))
+    torch = sys.modules.get('torch')  # asked only if loaded: importing it costs a second
+    if torch is not None: limits.append(torch.get_num_threads())
+    return max(1, min(limits))
 
 # %% ../nbs/09b_engine.ipynb #e0a1b2e2
 OPSET = 17 # ONNX opset of exported graphs
 
-def export_onnx(model:torch.nn.Module, # a network in eval mode
+def export_onnx(model, # a torch network in eval mode
                 size:int, # the square input size it runs at
                 n_in:int=3 # input channels
                ) -> bytes: # the serialised ONNX model
     "`model` as ONNX with a dynamic batch axis: input `x`, output `logits` (float32)"
+    import torch
     model = model.eval().float().cpu()
     x = torch.zeros(2, n_in, size, size)
     errors = []
@@ -69,12 +75,18 @@ GRAPH_FORMAT = 2 # 2: the weights in `<key>.onnx.data` beside the graph (memory-
 def _shape_key(config:dict) -> str:
     "What names a graph besides its weights: the config keys that shape the network, torch's version, the opset and the file format"
     shape = {k: config.get(k) for k in ('arch', 'arch_kwargs', 'size', 'n_in', 'n_out')}
-    return json.dumps([shape, torch.__version__, OPSET, GRAPH_FORMAT], sort_keys=True, default=str)
+    return json.dumps([shape, _torch_version(), OPSET, GRAPH_FORMAT], sort_keys=True, default=str)
+
+def _torch_version() -> str:
+    "The installed torch's version, read from its package metadata: the same string whether or not torch is imported"
+    from importlib.metadata import version
+    return version('torch')
 
 def graph_key(state:dict, # the network's weights: `model.state_dict()`, or a model folder's `read_weights`
               config:dict # its `config.json` dict
              ) -> str: # 24 hex digits
     "Name of the exported graph of a network with weights `state`: a hash of the weights and of `_shape_key(config)`"
+    import torch
     h = hashlib.sha256(_shape_key(config).encode())
     for k in sorted(state):  # sorted: a state dict read back from a file need not keep the network's order
         v = state[k].detach().cpu().contiguous()
@@ -117,7 +129,7 @@ def split_graph(data:bytes, # a serialised ONNX model with its weights inside (`
             t.ClearField('raw_data'); t.data_location = onnx.TensorProto.EXTERNAL
     return m.SerializeToString(), blob.getvalue()
 
-def cached_graph(model:torch.nn.Module, # the network
+def cached_graph(model, # the torch network
                  config:dict, # its `config.json` dict
                  dirs:list, # folders to look in and write to, first choice first (`cache_dirs`)
                  bad=None # a cached file that failed to load: export again over it (or elsewhere if that folder is read-only)
@@ -145,19 +157,24 @@ def _memo_files(weights:Path) -> list:
     "Where the graph key of a weights file is remembered: its model folder's `.engine`, then the user's cache (by the file's path)"
     return [weights.parent/ENGINE_DIR/'weights.key', user_cache_dir()/(hashlib.sha256(str(weights.resolve()).encode()).hexdigest()[:24] + '.key')]
 
-def folder_graph_key(state:dict, # the model folder's weights, as `read_weights` read them
+def folder_graph_key(state:dict|None, # the model folder's weights as `read_weights` reads them; None: read only if not remembered
                      config:dict, # its `config.json` dict
                      folder # the model folder
                     ) -> str: # `graph_key(state, config)`
     "`graph_key` of a model folder's weights, remembered against the weights file's name, size and modification time"
     f = weights_file(folder)
-    if f is None: return graph_key(state, config)
+    if f is None:
+        if state is None: raise LiverSegError(Path(folder)/'weights.safetensors', "missing: the model folder has no weights")
+        return graph_key(state, config)
     st = f.stat()
     stamp = [f.name, st.st_size, st.st_mtime_ns, _shape_key(config)]
     for m in _memo_files(f):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             memo = json.loads(m.read_text())
             if memo['stamp'] == stamp: return memo['key']
+    if state is None:
+        from liver_seg.model import read_weights  # torch: only when the key is not remembered
+        state = read_weights(folder)
     key = graph_key(state, config)
     for m in _memo_files(f):
         try: write_atomic(m, json.dumps({'stamp': stamp, 'key': key}).encode()); break
@@ -166,23 +183,27 @@ def folder_graph_key(state:dict, # the model folder's weights, as `read_weights`
 
 
 # %% ../nbs/09b_engine.ipynb #e0a1b302
-def _numpy(x:torch.Tensor):
-    "A float32 C-contiguous CPU array of `x`, what the runtimes take"
-    return x.detach().to('cpu', torch.float32).contiguous().numpy()
+def _float32(x:np.ndarray) -> np.ndarray:
+    "A float32 C-contiguous array of `x`, what the runtimes take"
+    return np.ascontiguousarray(x, np.float32)
 
 class TorchEngine:
     "The network itself: inference mode, autocast and channels_last as the predictor decided"
     name = 'torch'
-    def __init__(self, model:torch.nn.Module, # on its device, eval mode
-                 amp=None, # autocast dtype (torch.bfloat16, torch.float16) or None for fp32
+    def __init__(self, model, # a torch network on its device, eval mode
+                 amp:str|None=None, # autocast precision: 'bf16', 'fp16', or None for fp32
                  channels_last:bool=False, # feed the network channels_last batches
                  device='cpu'):
+        import torch
         self.model, self.amp, self.channels_last, self.device = model, amp, channels_last, torch.device(device)
-        self.precision = {None: 'fp32', torch.bfloat16: 'bf16 autocast', torch.float16: 'fp16 autocast'}[amp]
-    def __call__(self, x:torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
-        with torch.inference_mode(), amp: return self.model(x).float()
+        self.precision = {None: 'fp32', 'bf16': 'bf16 autocast', 'fp16': 'fp16 autocast'}[amp]
+    def __call__(self, x:np.ndarray) -> np.ndarray:
+        import torch
+        t = torch.from_numpy(_float32(x)).to(self.device)
+        t = t.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.amp)
+        amp = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), amp: return self.model(t).float().cpu().numpy()
     def __repr__(self): return f"{self.name} {self.precision}"
 
 class OnnxRuntimeEngine:
@@ -195,7 +216,7 @@ class OnnxRuntimeEngine:
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 4  # fatal only: errors reach us as exceptions
         so.add_session_config_entry('session.intra_op.allow_spinning', '0')
         self.session, self.threads = ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider']), threads
-    def __call__(self, x:torch.Tensor) -> torch.Tensor: return torch.from_numpy(self.session.run(None, {'x': _numpy(x)})[0])
+    def __call__(self, x:np.ndarray) -> np.ndarray: return self.session.run(None, {'x': _float32(x)})[0]
     def __repr__(self): return f"{self.name} {self.precision}"
 
 class OpenVINOEngine:
@@ -210,8 +231,8 @@ class OpenVINOEngine:
         cfg = {'INFERENCE_PRECISION_HINT': self.precision, 'INFERENCE_NUM_THREADS': threads, 'PERFORMANCE_HINT': 'LATENCY'}
         self.compiled = core.compile_model(core.read_model(str(path)), 'CPU', cfg)
         self.request = self.compiled.create_infer_request()
-    def __call__(self, x:torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.request.infer({0: _numpy(x)})[0])  # a copy: the next request reuses its buffers
+    def __call__(self, x:np.ndarray) -> np.ndarray:
+        return self.request.infer({0: _float32(x)})[0]  # a copy: the next request reuses its buffers
     def __repr__(self): return f"{self.name} {self.precision}"
 
 # %% ../nbs/09b_engine.ipynb #e0a1b312
@@ -235,14 +256,15 @@ def _installed(name) -> bool:
     except ImportError: return False
 
 # %% ../nbs/09b_engine.ipynb #e0a1b314
-def _engine_to_build(engine:str, device:torch.device, amp, folder, warn:bool=True) -> str|None:
+def _engine_to_build(engine:str, device:str, amp:str|None, folder, warn:bool=True) -> str|None:
     "The engine `load_engine` builds for these settings, or None for torch (with a warning saying why, where one is due)"
     if engine not in ENGINES: raise LiverSegError('--engine', f"unknown engine {engine!r}: use {', '.join(ENGINES)}")
-    if engine == 'torch' or (engine == 'auto' and (device.type != 'cpu' or folder is None)): return None
-    if device.type != 'cpu':
+    on_cpu = str(device).split(':')[0] == 'cpu'
+    if engine == 'torch' or (engine == 'auto' and (not on_cpu or folder is None)): return None
+    if not on_cpu:
         if warn: _warn_once(f"engine {engine!r} runs on the CPU, the device is {device}: running torch")
         return None
-    names = auto_engines(amp is torch.bfloat16) if engine == 'auto' else [engine]
+    names = auto_engines(amp == 'bf16') if engine == 'auto' else [engine]
     names = [n for n in names if n == 'torch' or _installed(n)]
     if not names or names[0] == 'torch':
         if warn and engine != 'auto': _warn_once(f"{_PACKAGES[engine]} is not installed (pip install 'fastai-liver-seg[cpu-engine]'): running torch")
@@ -255,16 +277,16 @@ def _compile(name:str, path, threads:int):
     if name == 'onnxruntime': return OnnxRuntimeEngine(path, threads)
     return OpenVINOEngine(path, threads, name == 'openvino-bf16' and cpu_has_bf16())
 
-def load_engine(model:torch.nn.Module, # the network, eval mode, on `device`
+def load_engine(model, # the torch network, eval mode, on `device`
                 config:dict, # its `config.json` dict
                 engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16'
-                device='cpu', # the predictor's torch device
-                amp=None, # the predictor's autocast dtype (None: fp32)
+                device='cpu', # the predictor's device: 'cpu', 'cuda' or 'cuda:N'
+                amp:str|None=None, # the predictor's reduced precision: 'bf16', 'fp16' or None (fp32)
                 channels_last:bool=False, # torch engine: channels_last batches
                 folder=None, # the model folder, whose `.engine` subfolder caches the graph (None: a network in memory)
                 threads:int|None=None): # engine threads (default `cpu_threads()`)
     "An engine for `model`: the one asked for, or torch (with a warning saying why) when it cannot run here"
-    device = torch.device(device)
+    device = str(device)
     name = _engine_to_build(engine, device, amp, folder)
     if name is None: return TorchEngine(model, amp, channels_last, device)
     threads = threads or cpu_threads()
@@ -284,13 +306,13 @@ def load_engine(model:torch.nn.Module, # the network, eval mode, on `device`
     eng.graph, eng.exported = (path if folder is not None else None), fresh
     return eng
 
-def open_cached_engine(state:dict, # a model folder's weights (`liver_seg.model.read_weights`)
+def open_cached_engine(state:dict|None, # a model folder's weights (`liver_seg.model.read_weights`); None: read only if needed
                        config:dict, # its `config.json` dict
                        folder, # the model folder
                        engine:str='auto', device='cpu', amp=None,
                        threads:int|None=None):
     "The engine `load_engine` would build, from a graph already cached for these weights; None if there is none or it does not load"
-    name = _engine_to_build(engine, torch.device(device), amp, folder, warn=False)
+    name = _engine_to_build(engine, str(device), amp, folder, warn=False)
     path = find_graph(folder_graph_key(state, config, folder) + '.onnx', cache_dirs(folder)) if name is not None else None
     if path is None: return None
     try: eng = _compile(name, path, threads or cpu_threads())

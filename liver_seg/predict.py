@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 import nibabel as nib
-import torch
 from .io import (find_inputs, READERS, LiverSegError, CTVolume, ORIENTATION, to_canonical, from_canonical, to_display, from_display, nifti_like, atomic_path, check_output, refuse_input, open_nifti, find_dicom_files,
                           write_labels, find_slice_pairs, read_image, nifti_stem)
 from .windows import volume_channels, gray_window, DEFAULT_WINDOWS
@@ -41,12 +40,12 @@ def _check_input(pred:Predictor, arr, path):
                             "values (uint8), not HU: give the CT as it came from the scanner (DICOM, or a NIfTI of its HU)")
 
 def _gray_channels(g, ks, context, n_in):
-    "uint8 N x H x W x n_in channels of 8-bit slices `ks` of display-orientation stack `g` (N x H x W)"
+    "uint8 N x H x W x C slices `ks` of display-orientation stack `g` (N x H x W): 3 neighbours with context, else one gray channel"
     if context:
         n = g.shape[0]
         idx = np.stack([np.clip(ks - 1, 0, n - 1), ks, np.clip(ks + 1, 0, n - 1)], -1)
         return np.moveaxis(g[idx], 1, -1)  # N x 3 x H x W -> N x H x W x 3
-    return np.repeat(g[ks][..., None], n_in, -1)
+    return g[ks][..., None]  # the predictor repeats it to `n_in` channels after resizing: a third of the work
 
 def model_volume(pred:Predictor, # the model the volume is for
                  can:CTVolume # a volume in canonical voxel order
@@ -315,7 +314,9 @@ def parse_part(part:str) -> tuple: # 'i/n', 1 <= i <= n
 _WORKER = {}
 
 def _worker_init(model, device, allow_pickle, threads, engine):
-    torch.set_num_threads(threads)
+    import os, sys
+    os.environ['OMP_NUM_THREADS'] = str(threads)  # the engine's threads (`cpu_threads`), and torch's when it is imported
+    if 'torch' in sys.modules: sys.modules['torch'].set_num_threads(threads)
     _WORKER['pred'] = get_predictor(model, device, allow_pickle, engine)
 
 def _worker_predict(src, kind, dest, batch_size, tta, postprocess, force, probabilities, extras):

@@ -6,37 +6,48 @@ Docs: https://liver-seg.github.io/liver_seg/predictor.html.md"""
 
 # %% ../nbs/09_predictor.ipynb #b9c71ac7
 from __future__ import annotations
-import sys
+import os, sys
 from pathlib import Path
 import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image
 from fastcore.basics import patch
 from .io import LiverSegError
-from .model import cpu_has_bf16
+from .config import cpu_has_bf16, read_config, weights_file
 from .engine import load_engine, open_cached_engine, TorchEngine
 from .crops import liver_box, largest_component, scale_box, grow_box
 
 PREDICT_BATCH = 8 # slices per forward pass: as fast as 16 on a 2-core CPU, ~0.3 GB less peak memory (bench/README.md)
 
 # %% auto #0
-__all__ = ['PREDICT_BATCH', 'resolve_device', 'Predictor', 'get_predictor', 'class_labels', 'coarse_stage', 'liver_region',
-           'slab_labels']
+__all__ = ['PREDICT_BATCH', 'cuda_available', 'resolve_device', 'Predictor', 'get_predictor', 'class_labels', 'coarse_stage',
+           'liver_region', 'slab_labels']
 
 # %% ../nbs/09_predictor.ipynb #5bf48594
-def resolve_device(device='auto') -> torch.device:
-    "torch device for 'auto', 'cpu', 'cuda' (or 'cuda:N')"
+def _gpu_possible() -> bool:
+    "False where no GPU driver can be: macOS, or Linux without NVIDIA's, ROCm's or WSL's GPU device files"
+    if sys.platform == 'darwin': return False
+    if sys.platform.startswith('linux'): return any(os.path.exists(d) for d in ('/dev/nvidiactl', '/dev/kfd', '/dev/dxg'))
+    return True
+
+def cuda_available() -> bool:
+    "`torch.cuda.is_available()`, importing torch only where a GPU driver could be"
+    if not _gpu_possible(): return False
+    import torch
+    return torch.cuda.is_available()
+
+def resolve_device(device='auto') -> str:
+    "The device for 'auto', 'cpu', 'cuda' (or 'cuda:N'), as a string torch accepts"
     device = str(device)
-    if device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda') and not torch.cuda.is_available():
+    if device == 'auto': return 'cuda' if cuda_available() else 'cpu'
+    if device.startswith('cuda') and not cuda_available():
         raise LiverSegError('--device', f"{device} requested but no CUDA GPU is available; use --device cpu")
     if device != 'cpu' and not device.startswith('cuda'): raise LiverSegError('--device', f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
+    return device
 
 # %% ../nbs/09_predictor.ipynb #d7d8e591
 class Predictor:
     "A segmentation network with its `config.json` dict, ready for batched inference"
-    def __init__(self, model:torch.nn.Module|dict, # the network, or a model folder's weights (built only if `folder` has no cached engine graph)
+    def __init__(self, model, # the torch network; or a model folder's weights, or None for `folder`'s (read and built only without a cached graph)
                  config:dict, # its `config.json` dict
                  device='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
                  engine:str='auto', # 'auto', 'torch', 'openvino' or 'onnxruntime' (`liver_seg.engine`)
@@ -44,24 +55,22 @@ class Predictor:
         self.config, self.device = config, resolve_device(device)
         self.source = 'config.json'  # where the config came from, for error messages
         self.size = int(config['size'])
-        prec = config.get('precision', 'fp32')
-        cuda = self.device.type == 'cuda'
-        self.amp = (torch.bfloat16 if prec == 'bf16' and (cuda or cpu_has_bf16()) else
-                    torch.float16 if prec == 'fp16' and cuda else None)
+        prec, cuda = config.get('precision', 'fp32'), self.device.startswith('cuda')
+        self.amp = 'bf16' if prec == 'bf16' and (cuda or cpu_has_bf16()) else 'fp16' if prec == 'fp16' and cuda else None
         self.channels_last = self.amp is not None
         norm = config.get('normalize', {'mean': [0.5] * 3, 'std': [0.25] * 3})
-        mean, std = torch.tensor(norm['mean'], dtype=torch.float32), torch.tensor(norm['std'], dtype=torch.float32)
+        mean, std = (np.asarray(norm[k], np.float32).reshape(1, -1, 1, 1) for k in ('mean', 'std'))
         # (x / 255 - mean) / std == x * scale + shift
-        self.scale = (1 / (255 * std)).view(1, -1, 1, 1).to(self.device)
-        self.shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
+        self.scale, self.shift = (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
         self.engine_name = engine  # what was asked for: a coarse stage loads with the same
         self.engine = None
-        if isinstance(model, dict):  # weights: a cached graph spares building the network
+        if model is None or isinstance(model, dict):  # weights: a cached graph spares reading them, the network and torch
             if folder is not None: self.engine = open_cached_engine(model, config, folder, engine, self.device, self.amp)
             if self.engine is None:
-                from liver_seg.model import model_from_state
-                model = model_from_state(model, config, folder or '.')
+                from liver_seg.model import model_from_state, read_weights
+                model = model_from_state(read_weights(folder) if model is None else model, config, folder or '.')
         if self.engine is None:
+            import torch
             model = model.eval().to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
             self.engine = load_engine(model, config, engine, self.device, self.amp, self.channels_last, folder)
         self.model = model if isinstance(self.engine, TorchEngine) else None  # an engine holds its own copy of the weights
@@ -69,10 +78,11 @@ class Predictor:
     @classmethod
     def from_folder(cls, folder, device='auto', allow_pickle:bool=False, engine:str='auto'):
         "Load a model folder (safe weights + config.json): from its cached engine graph if it has one, else its network rebuilt"
-        from liver_seg.model import read_config, read_weights, load_model_folder
-        cfg, weights = read_config(folder), read_weights(folder)
-        if weights is None: net, cfg = load_model_folder(folder, allow_pickle=allow_pickle)  # no weights: the error, or the pickle's network
-        pred = cls(weights if weights is not None else net, cfg, device, engine, folder)
+        net, cfg = None, read_config(folder)  # None: the folder's weights, read only if no graph is cached
+        if weights_file(folder) is None:  # no weights: the error, or the pickle's network
+            from liver_seg.model import load_model_folder
+            net, cfg = load_model_folder(folder, allow_pickle=allow_pickle)
+        pred = cls(net, cfg, device, engine, folder)
         pred.source = Path(folder)/'config.json'
         return pred
 
@@ -80,7 +90,7 @@ class Predictor:
     def kind(self) -> str: return self.config.get('input', {}).get('kind', 'hu_windows')
 
     def __repr__(self):
-        return f"Predictor({self.config.get('arch')}, size={self.size}, input={self.kind}, {self.device.type}, {self.engine!r})"
+        return f"Predictor({self.config.get('arch')}, size={self.size}, input={self.kind}, {self.device}, {self.engine!r})"
 
 # %% ../nbs/09_predictor.ipynb #5b767486
 def _progress(items, show:bool):
@@ -101,17 +111,42 @@ def get_predictor(model, # a model folder path, a `(model, config)` pair, or a `
     raise TypeError(f"expected a model folder, a (model, config) pair or a Predictor, got {type(model).__name__}")
 
 # %% ../nbs/09_predictor.ipynb #677da6c2
-def _to_model_size(x, size):
-    "uint8 N x C x H x W -> float N x C x size x size (squish, bilinear with antialias)"
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
-    return x.float()
+def _resize(a:np.ndarray, # H x W (x 3 for uint8), uint8 or float32
+            hw:tuple) -> np.ndarray:
+    "`a` resized to `hw` by Pillow's bilinear filter: a triangle, widened by the scale when it shrinks (antialiased)"
+    return np.asarray(Image.fromarray(a).resize((hw[1], hw[0]), Image.BILINEAR))
+
+def _to_model_size(x:np.ndarray, # uint8 N x H x W x C slices; C = 1: a gray slice, repeated to `n_in` channels
+                   size:int, n_in:int) -> np.ndarray: # float32 N x n_in x size x size
+    "Squish slices to the model's size as training's images were (Pillow bilinear, in uint8), channels first, as float32"
+    if x.shape[1:3] != (size, size):
+        if x.shape[-1] == 3: x = np.stack([_resize(s, (size, size)) for s in x])  # Pillow's RGB: three channels in one pass
+        else: x = np.stack([np.stack([_resize(np.ascontiguousarray(s[..., c]), (size, size)) for c in range(x.shape[-1])], -1) for s in x])
+    x = x.transpose(0, 3, 1, 2).astype(np.float32)
+    return np.repeat(x, n_in, 1) if x.shape[1] == 1 and n_in > 1 else x
+
+def _resize_maps(x:np.ndarray, # float32 N x C x h x w maps (logits)
+                 hw:tuple) -> np.ndarray: # float32 N x C x H x W
+    "Each map of `x` resized to `hw` (bilinear)"
+    out = np.empty(x.shape[:2] + tuple(hw), np.float32)
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]): out[i, c] = _resize(x[i, c], hw)
+    return out
+
+def _softmax(x:np.ndarray) -> np.ndarray: # N x C x H x W scores
+    "Softmax over the classes (axis 1), shifted by the largest score so that exp cannot overflow"
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 # %% ../nbs/09_predictor.ipynb #499a77c5
-def class_labels(scores:torch.Tensor # N x C x H x W scores (logits or probabilities)
-                ) -> torch.Tensor: # int64 N x H x W: the class of the largest score, the first one on ties
-    "`scores.argmax(1)`, computed as `max(1).indices`: the same labels, 25x faster on the CPU"
-    return scores.max(1).indices
+def class_labels(scores:np.ndarray # N x C x H x W scores (logits or probabilities)
+                ) -> np.ndarray: # uint8 N x H x W: the class of the largest score, the first one on ties
+    "`scores.argmax(1)` as uint8, one class compared at a time"
+    labels, best = np.zeros(scores.shape[:1] + scores.shape[2:], np.uint8), scores[:, 0].copy()
+    for c in range(1, scores.shape[1]):
+        labels[scores[:, c] > best] = c
+        np.maximum(best, scores[:, c], out=best)
+    return labels
 
 # %% ../nbs/09_predictor.ipynb #e9966317
 @patch
@@ -123,32 +158,29 @@ def check_tta(self:Predictor):
 
 @patch
 def scores(self:Predictor,
-           imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation
+           imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation (C = 1: one gray channel for all)
            tta:bool=False # average with the left-right flipped slices (softmax)
-          ) -> torch.Tensor: # float32 N x n_out x size x size: logits, or probabilities with `tta`
+          ) -> np.ndarray: # float32 N x n_out x size x size: logits, or probabilities with `tta`
     "The network's output at the model's size for a batch of slices"
     if tta: self.check_tta()
-    x = torch.from_numpy(np.ascontiguousarray(imgs)).to(self.device).permute(0, 3, 1, 2)  # channels_last view
-    x = _to_model_size(x, self.size) * self.scale + self.shift
-    with torch.inference_mode():
-        out = self.engine(x)  # float32 logits, whatever runs the network
-        if tta: out = (out.softmax(1) + self.engine(x.flip(-1)).flip(-1).softmax(1)) / 2
+    x = _to_model_size(np.asarray(imgs), self.size, int(self.config.get('n_in', 3)))
+    x *= self.scale; x += self.shift
+    out = self.engine(x)  # float32 logits, whatever runs the network
+    if tta: out = (_softmax(out) + _softmax(self.engine(np.ascontiguousarray(x[..., ::-1])))[..., ::-1]) / 2
     return out
 
 @patch
 def labels(self:Predictor,
-           imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation (all the same size)
+           imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation (C = 1: one gray channel for all) (all the same size)
            tta:bool=False, # flip test-time augmentation
            probabilities:bool=False # also return the softmax per class at the same resolution
           ) -> np.ndarray: # uint8 N x H x W labels (and float32 N x n_out x H x W probabilities)
     "Labels at the slices' own resolution: logits resized back (bilinear), then argmax"
     out = self.scores(imgs, tta)
-    h, w = imgs.shape[1:3]
-    if out.shape[-2:] != (h, w):
-        out = F.interpolate(out, size=(h, w), mode='bilinear', align_corners=False)
-    labels = class_labels(out).to(torch.uint8).cpu().numpy()
+    if out.shape[-2:] != imgs.shape[1:3]: out = _resize_maps(out, imgs.shape[1:3])
+    labels = class_labels(out)
     if not probabilities: return labels
-    return labels, (out if tta else out.softmax(1)).cpu().numpy()  # with tta the output is already probabilities
+    return labels, (out if tta else _softmax(out))  # with tta the output is already probabilities
 
 # %% ../nbs/09_predictor.ipynb #9f26a8bb
 def coarse_stage(pred:Predictor) -> Predictor|None:
@@ -173,7 +205,7 @@ def liver_region(pred:Predictor, # a coarse-to-fine model (with `coarse_stage`)
     for k0 in range(0, n, step):
         ks = np.arange(k0, min(k0 + step, n))
         imgs = batch_of(ks)
-        fg = class_labels(coarse.scores(imgs)).cpu().numpy() > 0
+        fg = class_labels(coarse.scores(imgs)) > 0
         if low is None: low, hw = np.zeros((n,) + fg.shape[1:], bool), imgs.shape[1:3]
         low[ks] = fg
     box = liver_box(largest_component(low), cas.get('margin', 0.05), cas.get('z_margin', 2), square=False)

@@ -44,7 +44,7 @@ def train_tiny(folder, precision='fp32', seed=0, steps=60):
     net = build_model(cfg)
     p = Predictor(net, cfg, 'cpu', engine='torch')
     xs, ys = slices(10, n=24)
-    x = torch.nn.functional.interpolate(torch.from_numpy(xs).permute(0, 3, 1, 2).float(), size=(48, 48), mode='bilinear', antialias=True) * p.scale + p.shift
+    x = torch.nn.functional.interpolate(torch.from_numpy(xs).permute(0, 3, 1, 2).float(), size=(48, 48), mode='bilinear', antialias=True) * torch.from_numpy(p.scale) + torch.from_numpy(p.shift)
     y = torch.nn.functional.interpolate(torch.from_numpy(ys)[:, None].float(), size=(48, 48), mode='nearest')[:, 0].long()
     opt, threads = torch.optim.Adam(net.parameters(), 1e-2), torch.get_num_threads()
     net.train(); torch.set_num_threads(1)
@@ -151,8 +151,8 @@ def test_cache_reused(model_dir, monkeypatch, data):
 
 
 @needs_any
-def test_cached_graph_predicts_without_fastai(tmp_path):
-    "`liver-seg predict` with a cached graph never imports fastai's vision code (only the first run builds the U-Net), nor matplotlib without --statistics/--preview"
+def test_cached_graph_predicts_without_torch(tmp_path):
+    "`liver-seg predict` with a cached graph never imports torch or fastai (only the first run builds the U-Net), nor matplotlib without --statistics/--preview"
     import subprocess, nibabel as nib
     cfg = default_config(arch='resnet18', size=32, input=HU_INPUT)
     folder = save_model_folder(build_model(cfg).eval(), cfg, tmp_path/'model')
@@ -160,13 +160,13 @@ def test_cached_graph_predicts_without_fastai(tmp_path):
     nib.save(nib.Nifti1Image(hu, aff), tmp_path/'ct.nii.gz')
     def run(*extra):
         args = ['predict', str(folder), str(tmp_path/'ct.nii.gz'), str(tmp_path/'out.nii.gz'), '--force', '--engine', first_engine, *extra]
-        code = f"import sys; from liver_seg.cli import main; rc = main({args!r}); print(rc, *(m in sys.modules for m in ('fastai.vision.learner', 'matplotlib')))"
+        code = f"import sys; from liver_seg.cli import main; rc = main({args!r}); print(rc, *(m in sys.modules for m in ('fastai.vision.learner', 'torch', 'matplotlib')))"
         r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
         assert r.returncode == 0, r.stderr[-2000:]
-        return r.stdout.split()[-3:]
-    assert run()[:2] == ['0', 'True']  # the first run exports the graph: the network is built (and fastai brings matplotlib)
-    assert run() == ['0', 'False', 'False']
-    assert run('--statistics') == ['0', 'False', 'True']
+        return r.stdout.split()[-4:]
+    assert run()[:3] == ['0', 'True', 'True']  # the first run exports the graph: the network is built (and fastai brings matplotlib)
+    assert run() == ['0', 'False', 'False', 'False']
+    assert run('--statistics') == ['0', 'False', 'False', 'True']
     assert len(list((folder/E.ENGINE_DIR).glob('*.onnx'))) == 1
 
 
@@ -303,10 +303,13 @@ def test_unknown_engine_refused(model_dir):
     with pytest.raises(LiverSegError, match='unknown engine'): Predictor.from_folder(model_dir, 'cpu', engine='tensorrt')
 
 
-def test_threads_follow_affinity_and_torch():
+def test_threads_follow_affinity_and_torch(monkeypatch):
     n = torch.get_num_threads()
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     try:
         assert E.cpu_threads() == min(len(os.sched_getaffinity(0)), n)
         torch.set_num_threads(1)
         assert E.cpu_threads() == 1
     finally: torch.set_num_threads(n)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')  # how predict_volumes' workers share the cores
+    assert E.cpu_threads() == 1

@@ -119,26 +119,29 @@ def test_training_foreground_acc_ignores_background(trained_one_epoch):
     assert hist['cust_foreground_acc'].iloc[-1] == pytest.approx(want_all, abs=1e-5)
 
 
-# 4. precision 'auto' follows the CPU's bf16 capability, patched both ways (not only this machine's answer)
-@pytest.mark.parametrize('amx,avx512', [(True, False), (False, True), (False, False), ('raise', 'raise')])
-def test_auto_precision_follows_cpu_bf16(monkeypatch, amx, avx512):
+# 4. precision 'auto' follows the CPU's bf16 capability, patched every way (not only this machine's answer):
+#    the kernel's flags where /proc/cpuinfo exists, else torch's own checks
+@pytest.mark.parametrize('flags,torch_says', [({'avx2', 'amx_bf16', 'amx_tile'}, False), ({'avx512f', 'avx512_bf16'}, False),
+                                              ({'avx2', 'avx512f'}, True), (None, True), (None, False), (None, 'raise')])
+def test_auto_precision_follows_cpu_bf16(monkeypatch, flags, torch_says):
+    import liver_seg.config
     from liver_seg.train import CPUBF16, resolve_precision
+    monkeypatch.delenv('ONEDNN_MAX_CPU_ISA', raising=False); monkeypatch.delenv('DNNL_MAX_CPU_ISA', raising=False)
+    monkeypatch.setattr(liver_seg.config, 'cpu_flags', lambda: flags)
 
-    def answer(v):
-        def f():
-            if v == 'raise': raise RuntimeError('no cpuinfo')
-            return v
-        return f
-    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', answer(amx), raising=False)
-    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', answer(avx512), raising=False)
-    has = amx is True or avx512 is True
+    def answer():
+        if torch_says == 'raise': raise RuntimeError('no cpuinfo')
+        return torch_says
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', answer, raising=False)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', answer, raising=False)
+    has = bool(flags & {'amx_bf16', 'avx512_bf16'}) if flags is not None else torch_says is True
     prec, cbs = resolve_precision('auto', 'cpu')
     assert prec == ('bf16' if has else 'fp32')
     assert [type(c) for c in cbs] == ([CPUBF16] if has else [])
     assert resolve_precision('fp32', 'cpu') == ('fp32', [])
-    # a bf16 model folder predicts with bf16 autocast only on such a CPU
+    # a bf16 model folder predicts in bf16 only on such a CPU
     p = Predictor(torch.nn.Conv2d(3, 3, 1), default_config(arch='c', size=8, precision='bf16'), device='cpu')
-    assert p.amp is (torch.bfloat16 if has else None)
+    assert p.amp == ('bf16' if has else None)
     assert ('bf16' in repr(p)) == has
 
 
