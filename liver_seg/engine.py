@@ -78,9 +78,12 @@ def _shape_key(config:dict) -> str:
     return json.dumps([shape, _torch_version(), OPSET, GRAPH_FORMAT], sort_keys=True, default=str)
 
 def _torch_version() -> str:
-    "The installed torch's version, read from its package metadata: the same string whether or not torch is imported"
-    from importlib.metadata import version
-    return version('torch')
+    "The installed torch's version, from its package metadata (the same whether or not torch is imported), else torch's own"
+    from importlib.metadata import version, PackageNotFoundError
+    try: return version('torch')
+    except PackageNotFoundError:  # torch built from source or put on the path by hand: no metadata to read
+        import torch
+        return torch.__version__
 
 def graph_key(state:dict, # the network's weights: `model.state_dict()`, or a model folder's `read_weights`
               config:dict # its `config.json` dict

@@ -171,7 +171,7 @@ def scores(self:Predictor,
 
 @patch
 def labels(self:Predictor,
-           imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation (C = 1: one gray channel for all) (all the same size)
+           imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation, all the same size (C = 1: one gray channel for all)
            tta:bool=False, # flip test-time augmentation
            probabilities:bool=False # also return the softmax per class at the same resolution
           ) -> np.ndarray: # uint8 N x H x W labels (and float32 N x n_out x H x W probabilities)
