@@ -64,7 +64,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           augment:bool=True, # rotation/zoom/lighting augmentation
           tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
           last_cross:bool=True, # fastai's full-resolution ResBlock at the U-Net's end (False: half the CPU step time)
-          bottle:bool=False, # that ResBlock with half the channels (fastai's `bottle`): a cheaper full-resolution block
+          bottle:bool=True, # that ResBlock with half the channels (fastai's `bottle`; the default: better held-out Dice, bench/RESULTS.md)
           every:int=1, # use every n-th slice of each case
           cascade:bool=True, # coarse to fine: a coarse stage on whole slices at `coarse_size` finds the liver, this model segments its box
           coarse_size:int=64, # the coarse stage's slice size
@@ -125,7 +125,7 @@ def _data_and_config(o):
     if o.world > 1: recipe['processes'] = o.world # bs is per process
     cfg = default_config(arch=o.arch, size=o.size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
                          precision=o.precision, recipe=recipe, split=dls.split)
-    unet_kwargs = {k: v for k, v in dict(last_cross=o.last_cross, bottle=o.bottle).items() if v != UNET_DEFAULTS[k]}
+    unet_kwargs = {k: v for k, v in dict(last_cross=o.last_cross, bottle=o.bottle and o.last_cross).items() if v != UNET_DEFAULTS[k]}  # no last block: nothing to halve
     if unet_kwargs and o.arch != 'simple_cnn': cfg['arch_kwargs'] = unet_kwargs
     if o.cascade: cfg['cascade'] = dict(coarse='coarse', margin=round(float(np.mean(o.crop_margins)), 4), z_margin=2)
     return dls, enc, cfg

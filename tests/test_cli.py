@@ -48,6 +48,7 @@ def test_model_folder_is_complete(flow):
     assert {'weights.safetensors', 'config.json'} <= {p.name for p in (flow/'model'/'coarse').iterdir()}
     cfg, coarse = (json.loads((flow/'model'/d/'config.json').read_text()) for d in ('.', 'coarse'))
     assert cfg['cascade']['coarse'] == 'coarse' and coarse['size'] == 64 and 'cascade' not in coarse
+    assert cfg['arch_kwargs'] == coarse['arch_kwargs'] == {'bottle': True}  # the default U-Net: its last block halved (RESULTS.md, session 10)
     assert not any(p.name.startswith('.model') for p in flow.iterdir())  # the hidden coarse folder moved in
 
 
