@@ -7,13 +7,12 @@ FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile', 'avx512_vnni'
 def cpu_summary() -> str:
     "e.g. 'AMD EPYC, 2 cores: avx2 avx512f avx512_bf16 avx512_vnni; no amx_bf16 amx_tile avx_vnni'"
     import os
-    model, flags = platform.processor() or platform.machine(), set()
+    from liver_seg.config import cpu_flags  # the flags prediction and training decide by
+    model, flags = platform.processor() or platform.machine(), cpu_flags() or set()
     info = Path('/proc/cpuinfo')
     if info.exists():
-        for line in info.read_text().splitlines():
-            key, _, val = line.partition(':')
-            if key.strip() == 'model name' and val.strip(): model = val.strip()
-            if key.strip() == 'flags': flags = set(val.split())
+        model = next((v.strip() for k, _, v in (l.partition(':') for l in info.read_text().splitlines())
+                      if k.strip() == 'model name' and v.strip()), model)
     have = [f for f in FLAGS if f in flags]
     lack = [f for f in FLAGS if f not in flags]
     cap = os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA')

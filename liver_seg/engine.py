@@ -6,9 +6,8 @@ Docs: https://liver-seg.github.io/liver_seg/engine.html.md"""
 
 # %% ../nbs/09b_engine.ipynb #e0a1b2c6
 from __future__ import annotations
-import contextlib, hashlib, importlib, io, json, os, tempfile, warnings
+import contextlib, hashlib, importlib, io, json, os, sys, tempfile, warnings
 from pathlib import Path
-import sys
 import numpy as np
 from .io import LiverSegError
 from .config import cpu_has_bf16, weights_file

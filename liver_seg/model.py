@@ -6,14 +6,11 @@ Docs: https://liver-seg.github.io/liver_seg/model.html.md"""
 
 # %% ../nbs/06_model.ipynb #779c7cb0
 from __future__ import annotations
-import json, math, os, warnings
+import json, os, warnings
 from pathlib import Path
 import torch
 from torch import nn
-from . import __version__
-from .io import LiverSegError, ORIENTATION, atomic_path
-from .core import CODES
-from .windows import DEFAULT_WINDOWS
+from .io import LiverSegError, atomic_path
 from .config import default_config, check_config, read_config, weights_file, cpu_has_bf16, CONFIG_SCHEMA
 
 # %% auto #0
