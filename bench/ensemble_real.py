@@ -20,13 +20,14 @@ def predict_mean(preds, rows, out):
     import numpy as np
     from PIL import Image
     from liver_seg.predict import _slice_images
-    from liver_seg.predictor import _softmax, _resize_maps, class_labels
+    from scipy.special import softmax
+    from liver_seg.predictor import _resize_maps, class_labels
     out.mkdir(parents=True)
     for _, case in rows.groupby('case', sort=False):
         for i in range(0, len(case), 16):
             chunk = case.iloc[i:i + 16]
             imgs = np.stack(_slice_images(preds[0], chunk))
-            p = sum(_softmax(pr.scores(imgs)) for pr in preds) / len(preds)
+            p = sum(softmax(pr.scores(imgs), 1) for pr in preds) / len(preds)
             lab = class_labels(_resize_maps(p, imgs.shape[1:3]))  # as `Predictor.labels`: resized to the slice, then argmax
             for img, l in zip(chunk['image'], lab): Image.fromarray(l).save(out/f"{Path(img).stem}.png")
     return out

@@ -39,7 +39,7 @@ def _check_input(pred:Predictor, arr, path):
         raise LiverSegError(path, "this model needs CT in Hounsfield units (input kind 'hu_windows'); this volume holds 8-bit "
                             "values (uint8), not HU: give the CT as it came from the scanner (DICOM, or a NIfTI of its HU)")
 
-def _gray_channels(g, ks, context, n_in):
+def _gray_channels(g, ks, context):
     "uint8 N x H x W x C slices `ks` of display-orientation stack `g` (N x H x W): 3 neighbours with context, else one gray channel"
     if context:
         n = g.shape[0]
@@ -67,7 +67,7 @@ def _volume_batch(pred:Predictor, arr, ks):
         return volume_channels(arr, ks=ks, windows=inp.get('windows', DEFAULT_WINDOWS), freqhist=inp.get('freqhist', True))
     lo, hi = max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, arr.shape[2])
     g = np.ascontiguousarray(to_display(arr[:, :, lo:hi]).transpose(2, 0, 1))  # uint8 N x H x W (`model_volume`), display orientation
-    return _gray_channels(g, np.asarray(ks) - lo, inp.get('context', 0), pred.config.get('n_in', 3))
+    return _gray_channels(g, np.asarray(ks) - lo, inp.get('context', 0))
 
 # %% ../nbs/09a_predict.ipynb #bdb90911
 PROB_SCALE = 65535 # probabilities are stored as uint16 p * PROB_SCALE (NIfTI-1 has no float16; readers apply scl_slope)
@@ -123,15 +123,14 @@ def _slice_images(pred:Predictor, rows):
         if all(a.ndim == 2 for a in imgs):
             raise LiverSegError(rows['image'].iloc[0], "this model needs 3-channel window images (made from HU by `liver-seg prepare`); "
                                 "these slice images are 8-bit gray")
-        return [np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a[..., :3] for a in imgs]
     ctx, n_in = pred.config.get('input', {}).get('context', 0), pred.config.get('n_in', 3)
-    if ctx:
+    if ctx and pred.kind == 'image':
         for a, p in zip(imgs, rows['image']):
             if a.ndim != 2: raise LiverSegError(p, "2.5D model (context=1) needs gray slice images; this image has 3 different channels")
             if a.shape != imgs[0].shape: raise LiverSegError(p, f"image is {a.shape}, first slice of the case is {imgs[0].shape}")
         g = np.stack(imgs)
-        return list(_gray_channels(g, np.arange(len(g)), ctx, n_in))
-    return [np.repeat(a[..., None], n_in, -1) if a.ndim == 2 else a[..., :n_in] for a in imgs]
+        return list(_gray_channels(g, np.arange(len(g)), ctx))
+    return [a[..., None] if a.ndim == 2 else a[..., :n_in] for a in imgs]  # gray: one channel, repeated by the predictor after resizing
 
 def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
                    folder, # slice folder: `images/`, or a flat folder of `<case>_<slice>` images

@@ -10,6 +10,7 @@ import os, sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
+from scipy.special import softmax
 from fastcore.basics import patch
 from .io import LiverSegError
 from .config import cpu_has_bf16, read_config, weights_file
@@ -133,11 +134,6 @@ def _resize_maps(x:np.ndarray, # float32 N x C x h x w maps (logits)
         for c in range(x.shape[1]): out[i, c] = _resize(x[i, c], hw)
     return out
 
-def _softmax(x:np.ndarray) -> np.ndarray: # N x C x H x W scores
-    "Softmax over the classes (axis 1), shifted by the largest score so that exp cannot overflow"
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
 # %% ../nbs/09_predictor.ipynb #499a77c5
 def class_labels(scores:np.ndarray # N x C x H x W scores (logits or probabilities)
                 ) -> np.ndarray: # uint8 N x H x W: the class of the largest score, the first one on ties
@@ -157,16 +153,24 @@ def check_tta(self:Predictor):
                             "slice puts the liver on the side it never saw and averaging it in ruins the labels; train with --flip to use --tta")
 
 @patch
+def inputs(self:Predictor,
+           imgs:np.ndarray # uint8 N x H x W x C slices in display orientation (C = 1: one gray channel for all)
+          ) -> np.ndarray: # float32 N x n_in x size x size
+    "What the network reads for a batch of slices: squished to the model's size and normalised as in training"
+    x = _to_model_size(np.asarray(imgs), self.size, int(self.config.get('n_in', 3)))
+    x *= self.scale; x += self.shift
+    return x
+
+@patch
 def scores(self:Predictor,
            imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation (C = 1: one gray channel for all)
            tta:bool=False # average with the left-right flipped slices (softmax)
           ) -> np.ndarray: # float32 N x n_out x size x size: logits, or probabilities with `tta`
     "The network's output at the model's size for a batch of slices"
     if tta: self.check_tta()
-    x = _to_model_size(np.asarray(imgs), self.size, int(self.config.get('n_in', 3)))
-    x *= self.scale; x += self.shift
+    x = self.inputs(imgs)
     out = self.engine(x)  # float32 logits, whatever runs the network
-    if tta: out = (_softmax(out) + _softmax(self.engine(np.ascontiguousarray(x[..., ::-1])))[..., ::-1]) / 2
+    if tta: out = (softmax(out, 1) + softmax(self.engine(np.ascontiguousarray(x[..., ::-1])), 1)[..., ::-1]) / 2
     return out
 
 @patch
@@ -180,7 +184,7 @@ def labels(self:Predictor,
     if out.shape[-2:] != imgs.shape[1:3]: out = _resize_maps(out, imgs.shape[1:3])
     labels = class_labels(out)
     if not probabilities: return labels
-    return labels, (out if tta else _softmax(out))  # with tta the output is already probabilities
+    return labels, (out if tta else softmax(out, 1))  # with tta the output is already probabilities
 
 # %% ../nbs/09_predictor.ipynb #9f26a8bb
 def coarse_stage(pred:Predictor) -> Predictor|None:

@@ -44,7 +44,7 @@ def train_tiny(folder, precision='fp32', seed=0, steps=60):
     net = build_model(cfg)
     p = Predictor(net, cfg, 'cpu', engine='torch')
     xs, ys = slices(10, n=24)
-    x = torch.nn.functional.interpolate(torch.from_numpy(xs).permute(0, 3, 1, 2).float(), size=(48, 48), mode='bilinear', antialias=True) * torch.from_numpy(p.scale) + torch.from_numpy(p.shift)
+    x = torch.from_numpy(p.inputs(xs))  # what prediction feeds the network
     y = torch.nn.functional.interpolate(torch.from_numpy(ys)[:, None].float(), size=(48, 48), mode='nearest')[:, 0].long()
     opt, threads = torch.optim.Adam(net.parameters(), 1e-2), torch.get_num_threads()
     net.train(); torch.set_num_threads(1)
