@@ -21,6 +21,7 @@ from .data import seg_dataloaders, data_folders
 from .metrics import get_loss, seg_metrics, LOSSES
 from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
 from .distributed import distributed_env, process_group, SyncValidation, _without_sync_bn
+from .optimizer import FusedAdam
 from .checkpoints import run_folder, EpochCheckpoint, resume_state, _new_run_folder, _keep_history_rows
 from .history import HistoryLogger, EpochTable, plot_learning_curves
 
@@ -34,11 +35,11 @@ MONITORS = ('dice_mean', 'liver_dice', 'tumor_dice', 'last') # what may choose t
 MONITOR = 'liver_dice' # the default (bench/RESULTS.md, session 7): the validation metric the kept checkpoint maximises (and `best_epoch` reports)
 
 def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
-    "fastai's `unet_learner` in substance: a `Learner` with the encoder's parameter split (frozen when pretrained)"
+    "fastai's `unet_learner` in substance: a `Learner` with the encoder's parameter split (frozen when pretrained), stepped by `FusedAdam`"
     from fastai.learner import Learner
     from fastai.torch_core import trainable_params
     splitter = trainable_params if cfg['arch'] == 'simple_cnn' else encoder_arch(cfg['arch'])[1]['split']
-    learn = Learner(dls, model, loss_func=get_loss(loss), metrics=seg_metrics(), lr=lr, splitter=splitter, cbs=cbs)
+    learn = Learner(dls, model, loss_func=get_loss(loss), opt_func=FusedAdam, metrics=seg_metrics(), lr=lr, splitter=splitter, cbs=cbs)
     if pretrained and cfg['arch'] != 'simple_cnn': learn.freeze()
     return learn
 
@@ -116,7 +117,7 @@ def _data_and_config(o):
                           liver_crop=tuple(o.crop_margins) if o.cascade else None,
                           context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, every=o.every,
                           num_workers=o.num_workers, device=o.device)
-    recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, fit=o.fit, wd=o.wd, seed=o.seed,
+    recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, optimizer='FusedAdam', fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
                   last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor,
@@ -164,9 +165,8 @@ def _run_learner(o, dls, enc, cfg, run, ckpt):
     learn = _learner(dls, model, cfg, o.loss, o.lr, o.run_cbs + list(o.cbs or []), enc is not None)
     learn.path, learn.model_dir = run, '.'
     if ckpt is not None:
-        from fastcore.foundation import L
         if learn.opt is None: learn.create_opt()
-        learn.opt.load_state_dict(dict(state=ckpt['opt']['state'], hypers=L(ckpt['opt']['hypers'])))
+        learn.opt.load_state_dict(ckpt['opt'])
         if o.progress and o.rank == 0: print(f"resuming at epoch {o.start + 1} of {o.epochs} ({run})", flush=True)
     if o.start >= o.epochs: raise LiverSegError(run, f"all {o.epochs} epochs are done already; the run was interrupted while writing the model folder: start over without --resume")
     return learn
