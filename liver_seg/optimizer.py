@@ -1,4 +1,4 @@
-"""fastai's `Adam`, stepped by torch's fused AdamW kernel: the same updates, a quarter of the time per step.
+"""fastai's `Adam`, stepped by torch's fused AdamW kernel: the same updates in about half the time per step.
 
 Docs: https://liver-seg.github.io/liver_seg/optimizer.html.md"""
 
