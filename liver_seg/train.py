@@ -117,7 +117,7 @@ def _data_and_config(o):
                           liver_crop=tuple(o.crop_margins) if o.cascade else None,
                           context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, every=o.every,
                           num_workers=o.num_workers, device=o.device)
-    recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, optimizer='FusedAdam', fit=o.fit, wd=o.wd, seed=o.seed,
+    recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, optimizer=FusedAdam.__name__, fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
                   last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor,
