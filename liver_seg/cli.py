@@ -52,8 +52,9 @@ def prepare(src:str,             # LiTS-style folder (volume-N.nii + segmentatio
 def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders (from `prepare`, or images/ + masks/), trained on together
           out:Annotated[str, dict(metavar='MODEL_DIR', required=True)]=None, # model folder to write
           arch:Annotated[str, dict(metavar='NAME')]=None, # encoder: resnet34 (default), resnet18/50, ... or simple_cnn
-          size:Annotated[int, dict(metavar='PX')]=None, # training image size in pixels (default: the recipe's)
-          epochs:_N=None,          # number of epochs (default: the recipe's)
+          size:Annotated[int, dict(metavar='PX')]=None, # training image size in pixels (default: the plan's)
+          epochs:_N=None,          # number of epochs (default: the plan's)
+          plan:Annotated[str, dict(metavar='PLAN', choices=['auto', 'standard', 'light'])]=None, # auto (default): light for fp32 on a CPU without bf16, else standard
           bs:_N=None,              # batch size (default: the recipe's)
           lr:Annotated[float, dict(metavar='LR')]=None, # maximum learning rate (default: the recipe's)
           loss:Annotated[str, dict(metavar='NAME')]=None, # ce, dice, iou, focal or ce+dice (default: the recipe's)
@@ -74,7 +75,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
     from liver_seg.train import train as _train, load_train_config
     if out is None: raise LiverSegError(data[0], "no model folder given; use --out MODEL_DIR")
     kw = load_train_config(config) if config else {}
-    given = dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, loss=loss, valid_cases=_csv(valid_cases),
+    given = dict(arch=arch, size=size, epochs=epochs, plan=plan, bs=bs, lr=lr, loss=loss, valid_cases=_csv(valid_cases),
                  pretrained=pretrained, weights=weights, precision=precision, seed=seed, monitor=monitor, context=context, cascade=cascade,
                  resume=resume, force=force)
     kw.update({k:v for k,v in given.items() if v is not None})

@@ -26,8 +26,8 @@ from .checkpoints import run_folder, EpochCheckpoint, resume_state, _new_run_fol
 from .history import HistoryLogger, EpochTable, plot_learning_curves
 
 # %% auto #0
-__all__ = ['UNET_DEFAULTS', 'MONITORS', 'MONITOR', 'train', 'CPUBF16', 'resolve_precision', 'pretrained_encoder_state',
-           'load_train_config', 'auto_context']
+__all__ = ['UNET_DEFAULTS', 'MONITORS', 'MONITOR', 'PLANS', 'train', 'CPUBF16', 'resolve_precision', 'training_plan',
+           'pretrained_encoder_state', 'load_train_config', 'auto_context']
 
 # %% ../nbs/07_train.ipynb #8f204557
 UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
@@ -46,9 +46,9 @@ def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
 def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice dataset), or X.png + X_mask.png; or a list of them
           out, # model folder to write
           arch:str='resnet34', # 'resnet34' (U-Net), another torchvision encoder name, or 'simple_cnn'
-          size:int=128, # slices are squished to size x size
+          size:int|None=None, # slices are squished to size x size (default: the plan's)
           crop:int|None=None, # train on random crop x crop patches of those; validate and predict on whole slices
-          epochs:int=12, # training epochs
+          epochs:int|None=None, # training epochs (default: the plan's)
           bs:int=16, # batch size
           lr:float|None=None, # peak learning rate (default 2e-3)
           loss:str='ce+dice', # 'ce', 'dice', 'iou', 'focal' or 'ce+dice'
@@ -64,13 +64,14 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           flip:bool=False, # allow left-right flips in augmentation
           augment:bool=True, # rotation/zoom/lighting augmentation
           tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
-          last_cross:bool=True, # fastai's full-resolution ResBlock at the U-Net's end (False: half the CPU step time)
+          last_cross:bool|None=None, # fastai's full-resolution ResBlock at the U-Net's end (False: a third less step time; default: the plan's)
           bottle:bool=True, # that ResBlock with half the channels (fastai's `bottle`; the default: better held-out Dice, bench/RESULTS.md)
           every:int=1, # use every n-th slice of each case
           cascade:bool=True, # coarse to fine: a coarse stage on whole slices at `coarse_size` finds the liver, this model segments its box
           coarse_size:int=64, # the coarse stage's slice size
-          coarse_epochs:int=6, # the coarse stage's epochs
+          coarse_epochs:int|None=None, # the coarse stage's epochs (default: the plan's)
           crop_margins:tuple=(0.02, 0.10), # the fine stage's training boxes: true liver box + a margin per side from this range (fraction of the slice side)
+          plan:str='auto', # the defaults above: 'auto' (`training_plan`: 'light' for fp32 on a CPU), 'standard' or 'light'
           monitor:str=MONITOR, # the epoch kept: best validation 'liver_dice' (default), 'dice_mean' or 'tumor_dice', or 'last'
           num_workers:int=0, # DataLoader workers
           device=None, # 'cpu', 'cuda' (default: CUDA if available)
@@ -82,29 +83,34 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
     o = SimpleNamespace(**locals()) # the options travel together through the steps below
     o.out, o.lr = Path(out), 2e-3 if lr is None else lr
     _check_options(o)
+    if o.progress and o.rank == 0 and plan == 'auto': print(f"plan {o.plan} ({o.precision} on the {o.device.type}): " + ', '.join(f'{k}={getattr(o, k)}' for k in PLANS[o.plan]), flush=True)
     if o.cascade: _train_coarse(o)
     with process_group(o.device, o.world): _do_train(o)
     return o.out
 
 # %% ../nbs/07_train.ipynb #d7f1d3f9
 def _check_options(o):
-    "Refuse bad options and an existing output before any work; settle the process, device and precision"
+    "Refuse bad options and an existing output before any work; settle the process, device, precision and plan"
     if o.monitor not in MONITORS: raise LiverSegError('--monitor', f"unknown checkpoint rule {o.monitor!r}: use one of {', '.join(MONITORS)}")
     if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
-    if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
-    if o.crop is not None and o.cascade: raise LiverSegError('--crop', "random patches and the coarse-to-fine liver crops exclude each other: add --no-cascade")
+    if o.plan != 'auto' and o.plan not in PLANS: raise LiverSegError('--plan', f"unknown plan {o.plan!r}: use auto, {', '.join(PLANS)}")
     if o.fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {o.fit!r}: use one_cycle or fine_tune")
     o.inputs = data_folders(o.data) + ([Path(o.weights)] if o.weights is not None else [])
     refuse_input(o.out, o.inputs) # --force never replaces the slices (or weights) it trains on
     if o.out.exists() and not o.force: raise LiverSegError(o.out, "exists; use --force to overwrite")
     if o.resume and o.fit != 'one_cycle': raise LiverSegError('--resume', "continues one-cycle runs only (fit='one_cycle')")
     o.rank, local_rank, o.world = distributed_env() or (0, 0, 1)
-    if o.rank == 0: # only rank 0 writes
-        try: o.out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
-        except OSError as e: raise LiverSegError(o.out.parent, f"cannot create the output folder: {e.strerror or e}") from None
     o.device = torch.device(o.device) if o.device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if o.world > 1 and o.device.type == 'cuda' and o.device.index is None: o.device = torch.device('cuda', local_rank)
     o.precision, o.precision_cbs = resolve_precision(o.precision, o.device)
+    o.plan = training_plan(o.plan, o.precision, o.device)
+    for k, v in PLANS[o.plan].items():
+        if getattr(o, k) is None: setattr(o, k, v)  # what the caller gave wins
+    if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
+    if o.crop is not None and o.cascade: raise LiverSegError('--crop', "random patches and the coarse-to-fine liver crops exclude each other: add --no-cascade")
+    if o.rank == 0: # only rank 0 writes
+        try: o.out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
+        except OSError as e: raise LiverSegError(o.out.parent, f"cannot create the output folder: {e.strerror or e}") from None
     if o.context is None: o.context = auto_context(o.data)
     if o.arch != 'simple_cnn': encoder_arch(o.arch)
 
@@ -117,7 +123,7 @@ def _data_and_config(o):
                           liver_crop=tuple(o.crop_margins) if o.cascade else None,
                           context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, every=o.every,
                           num_workers=o.num_workers, device=o.device)
-    recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, optimizer=FusedAdam.__name__, fit=o.fit, wd=o.wd, seed=o.seed,
+    recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, optimizer=FusedAdam.__name__, plan=o.plan, fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
                   last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor,
@@ -234,7 +240,7 @@ def _train_coarse(o):
     dest = _coarse_dir(o.out)
     if o.resume and (dest/'config.json').is_file(): return
     keep = ('arch', 'bs', 'lr', 'loss', 'valid_cases', 'valid_pct', 'pretrained', 'weights', 'precision', 'seed', 'context',
-            'fit', 'wd', 'flip', 'monitor', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
+            'fit', 'wd', 'flip', 'monitor', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'plan', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
     if o.progress and o.rank == 0: print(f"coarse stage: whole slices at {o.coarse_size} px, {o.coarse_epochs} epochs", flush=True)
     try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True,
                **{k: getattr(o, k) for k in keep}, device=None if o.device is None else str(o.device))
@@ -278,6 +284,19 @@ def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
         return precision, [MixedPrecision(amp_mode=precision)]
     if precision == 'fp16': raise LiverSegError('--precision', "fp16 training needs a CUDA GPU; use bf16 or fp32 on the CPU")
     return 'bf16', [CPUBF16()]
+
+# %% ../nbs/07_train.ipynb #2f9a0edb
+PLANS = {'standard': dict(size=128, epochs=12, coarse_epochs=6, last_cross=True), # where bf16 (or a GPU) is used
+         'light': dict(size=128, epochs=8, coarse_epochs=4, last_cross=False)}   # fp32 on a CPU: the budget without bf16
+
+def training_plan(plan:str='auto', # 'auto', or a name in `PLANS`
+                  precision:str='fp32', # the run's precision, as `resolve_precision` settled it
+                  device='cpu' # the training device
+                 ) -> str: # a name in `PLANS`
+    "The plan of a run: the one asked for, or with 'auto' 'light' for fp32 on a CPU and 'standard' elsewhere"
+    if plan != 'auto': return plan
+    return 'light' if torch.device(device).type == 'cpu' and precision == 'fp32' else 'standard'
+
 
 # %% ../nbs/07_train.ipynb #ff1b9ed1
 def pretrained_encoder_state(arch:str='resnet34', # torchvision model name

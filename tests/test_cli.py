@@ -8,6 +8,7 @@ import pytest
 
 from liver_seg.io import read_nifti, read_labels, read_dicom_series, find_slice_pairs
 from liver_seg.synth import make_phantom, phantom_affine, write_lits_case, write_chaos_case, make_phantom_dataset
+from liver_seg.train import PLANS, training_plan, resolve_precision
 
 CLI = [sys.executable, '-c', 'import sys; from liver_seg.cli import main; sys.exit(main())']
 PH = dict(shape=(64, 64, 12), spacing=(2.0, 2.0, 5.0))
@@ -48,7 +49,11 @@ def test_model_folder_is_complete(flow):
     assert {'weights.safetensors', 'config.json'} <= {p.name for p in (flow/'model'/'coarse').iterdir()}
     cfg, coarse = (json.loads((flow/'model'/d/'config.json').read_text()) for d in ('.', 'coarse'))
     assert cfg['cascade']['coarse'] == 'coarse' and coarse['size'] == 64 and 'cascade' not in coarse
-    assert cfg['arch_kwargs'] == coarse['arch_kwargs'] == {'bottle': True}  # the default U-Net: its last block halved (RESULTS.md, session 10)
+    plan = cfg['recipe']['plan']  # the CPU decides: light for fp32 (no bf16), standard with bf16
+    assert plan == training_plan('auto', resolve_precision('auto', 'cpu')[0], 'cpu') and coarse['recipe']['plan'] == plan
+    assert coarse['recipe']['epochs'] == PLANS[plan]['coarse_epochs']
+    # the U-Net of the plan: the last block halved (RESULTS.md, session 10), or none (light, session 12)
+    assert cfg['arch_kwargs'] == coarse['arch_kwargs'] == ({'bottle': True} if plan == 'standard' else {'last_cross': False})
     assert not any(p.name.startswith('.model') for p in flow.iterdir())  # the hidden coarse folder moved in
 
 
