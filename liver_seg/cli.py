@@ -52,7 +52,7 @@ def prepare(src:str,             # LiTS-style folder (volume-N.nii + segmentatio
 def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders (from `prepare`, or images/ + masks/), trained on together
           out:Annotated[str, dict(metavar='MODEL_DIR', required=True)]=None, # model folder to write
           arch:Annotated[str, dict(metavar='NAME')]=None, # encoder: resnet34 (default), resnet18/50, ... or simple_cnn
-          size:Annotated[int, dict(metavar='PX')]=None, # training image size in pixels (default: the plan's)
+          size:Annotated[int, dict(metavar='PX')]=None, # training image size in pixels (default: the recipe's)
           epochs:_N=None,          # number of epochs (default: the plan's)
           plan:Annotated[str, dict(metavar='PLAN', choices=['auto', 'standard', 'light'])]=None, # auto (default): light for fp32 on a CPU without bf16, else standard
           bs:_N=None,              # batch size (default: the recipe's)

@@ -46,7 +46,7 @@ def _learner(dls, model, cfg, loss, lr, cbs, pretrained):
 def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice dataset), or X.png + X_mask.png; or a list of them
           out, # model folder to write
           arch:str='resnet34', # 'resnet34' (U-Net), another torchvision encoder name, or 'simple_cnn'
-          size:int|None=None, # slices are squished to size x size (default: the plan's)
+          size:int=128, # slices are squished to size x size
           crop:int|None=None, # train on random crop x crop patches of those; validate and predict on whole slices
           epochs:int|None=None, # training epochs (default: the plan's)
           bs:int=16, # batch size
@@ -64,7 +64,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           flip:bool=False, # allow left-right flips in augmentation
           augment:bool=True, # rotation/zoom/lighting augmentation
           tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
-          last_cross:bool|None=None, # fastai's full-resolution ResBlock at the U-Net's end (False: a third less step time; default: the plan's)
+          last_cross:bool|None=None, # fastai's full-resolution ResBlock at the U-Net's end (False: a quarter to a third less step time; default: the plan's)
           bottle:bool=True, # that ResBlock with half the channels (fastai's `bottle`; the default: better held-out Dice, bench/RESULTS.md)
           every:int=1, # use every n-th slice of each case
           cascade:bool=True, # coarse to fine: a coarse stage on whole slices at `coarse_size` finds the liver, this model segments its box
@@ -94,23 +94,23 @@ def _check_options(o):
     if o.monitor not in MONITORS: raise LiverSegError('--monitor', f"unknown checkpoint rule {o.monitor!r}: use one of {', '.join(MONITORS)}")
     if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
     if o.plan != 'auto' and o.plan not in PLANS: raise LiverSegError('--plan', f"unknown plan {o.plan!r}: use auto, {', '.join(PLANS)}")
+    if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
+    if o.crop is not None and o.cascade: raise LiverSegError('--crop', "random patches and the coarse-to-fine liver crops exclude each other: add --no-cascade")
     if o.fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {o.fit!r}: use one_cycle or fine_tune")
     o.inputs = data_folders(o.data) + ([Path(o.weights)] if o.weights is not None else [])
     refuse_input(o.out, o.inputs) # --force never replaces the slices (or weights) it trains on
     if o.out.exists() and not o.force: raise LiverSegError(o.out, "exists; use --force to overwrite")
     if o.resume and o.fit != 'one_cycle': raise LiverSegError('--resume', "continues one-cycle runs only (fit='one_cycle')")
     o.rank, local_rank, o.world = distributed_env() or (0, 0, 1)
+    if o.rank == 0: # only rank 0 writes
+        try: o.out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
+        except OSError as e: raise LiverSegError(o.out.parent, f"cannot create the output folder: {e.strerror or e}") from None
     o.device = torch.device(o.device) if o.device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if o.world > 1 and o.device.type == 'cuda' and o.device.index is None: o.device = torch.device('cuda', local_rank)
     o.precision, o.precision_cbs = resolve_precision(o.precision, o.device)
     o.plan = training_plan(o.plan, o.precision, o.device)
     for k, v in PLANS[o.plan].items():
         if getattr(o, k) is None: setattr(o, k, v)  # what the caller gave wins
-    if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
-    if o.crop is not None and o.cascade: raise LiverSegError('--crop', "random patches and the coarse-to-fine liver crops exclude each other: add --no-cascade")
-    if o.rank == 0: # only rank 0 writes
-        try: o.out.parent.mkdir(parents=True, exist_ok=True) # before minutes of data loading, not after
-        except OSError as e: raise LiverSegError(o.out.parent, f"cannot create the output folder: {e.strerror or e}") from None
     if o.context is None: o.context = auto_context(o.data)
     if o.arch != 'simple_cnn': encoder_arch(o.arch)
 
@@ -286,8 +286,8 @@ def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
     return 'bf16', [CPUBF16()]
 
 # %% ../nbs/07_train.ipynb #2f9a0edb
-PLANS = {'standard': dict(size=128, epochs=12, coarse_epochs=6, last_cross=True), # where bf16 (or a GPU) is used
-         'light': dict(size=128, epochs=8, coarse_epochs=4, last_cross=False)}   # fp32 on a CPU: the budget without bf16
+PLANS = {'standard': dict(epochs=12, coarse_epochs=6, last_cross=True), # where bf16 (or a GPU) is used
+         'light': dict(epochs=8, coarse_epochs=4, last_cross=False)}   # fp32 on a CPU: the budget without bf16
 
 def training_plan(plan:str='auto', # 'auto', or a name in `PLANS`
                   precision:str='fp32', # the run's precision, as `resolve_precision` settled it
