@@ -20,12 +20,17 @@ from cpuflags import cpu_summary  # noqa: E402
 IRCADB = BENCH.parents[1]/'shared'/'data'/'ircadb-hu'
 
 
-def case_stacks(folder, case):
-    "The mask PNGs of one held-out case in slice order"
-    return sorted(Path(folder).glob(f'{case}_*.png'), key=lambda p: int(p.stem.rsplit('_', 1)[1]))
+def held_out(run):
+    "The held-out cases: (case, rows of its images and true masks in slice order)"
+    from liver_seg.slices import find_slice_pairs
+    return list(find_slice_pairs(run/'holdout').groupby('case', sort=False))
 
 
-def held_out_cases(run): return sorted({p.stem.rsplit('_', 1)[0] for p in (run/'holdout'/'masks').iterdir()})
+def stack(masks, encoding, folder=None):
+    "N x H x W labels of mask files (or of the files of the same names in `folder`)"
+    import numpy as np
+    from liver_seg.slices import read_mask
+    return np.stack([read_mask(Path(folder)/Path(m).name if folder else m, encoding) for m in masks])
 
 
 def oracle(run, epoch):
@@ -34,38 +39,31 @@ def oracle(run, epoch):
     import liver_seg.predictor as P
     from liver_seg.predict import predict_slices
     from liver_seg.crops import liver_box, grow_box
-    from liver_seg.slices import read_mask
     model, out = run/f'm{epoch}', run/f'pred_oracle_e{epoch}'
     cas = json.loads((model/'config.json').read_text())['cascade']
     if out.exists(): shutil.rmtree(out)
     out.mkdir()
-    for case in held_out_cases(run):
-        fs = case_stacks(run/'holdout'/'masks', case)
-        fg = np.stack([read_mask(f, '127') > 0 for f in fs])
+    for case, rows in held_out(run):
+        fg = stack(rows['mask'], '127') > 0
         def true_region(pred, batch_of, n, batch_size=None, fg=fg):
             z0, z1, *plane = liver_box(fg, cas['margin'], cas['z_margin'], square=False)
             return (z0, z1, *grow_box(plane, 0, fg.shape[1:]))
         P.liver_region = true_region  # `slab_labels` looks it up in its module at each call
         src = out/f'.in{case}'/'images'; src.mkdir(parents=True)
-        for f in fs: os.symlink((run/'holdout'/'images'/f.name).resolve(), src/f.name)
+        for f in rows['image']: os.symlink(Path(f).resolve(), src/Path(f).name)
         predict_slices(model, src, out/f'.pred{case}', progress=False)
         for f in (out/f'.pred{case}').iterdir(): shutil.move(str(f), out/f.name)
         shutil.rmtree(out/f'.in{case}'); shutil.rmtree(out/f'.pred{case}')
-    for name, pred in (('stage 1 box', run/f'pred_e{epoch}'), ('true box', out)): print(f'{name:12s}', scores(pred, run/'holdout'/'masks'))
+    for name, pred in (('stage 1 box', run/f'pred_e{epoch}'), ('true box', out)): print(f'{name:12s}', scores(pred, run))
 
 
-def dice(p, g): return float(2*(p & g).sum()/max(p.sum() + g.sum(), 1))
-
-
-def scores(pred, truth):
-    "Per-case (liver, tumour) Dice of a slice-folder prediction against its truth, and their means"
-    import numpy as np
-    from liver_seg.slices import read_mask
+def scores(pred, run):
+    "Per-case (liver, tumour) Dice of a slice-folder prediction of the held-out cases, and their means"
+    from liver_seg.evaluate import overlap_metrics
     res = {}
-    for case in sorted({p.stem.rsplit('_', 1)[0] for p in Path(truth).iterdir()}):
-        fs = case_stacks(truth, case)
-        g = np.stack([read_mask(f, '127') for f in fs]); p = np.stack([read_mask(Path(pred)/f.name, '012') for f in fs])
-        res[case] = (dice(p > 0, g > 0), dice(p == 2, g == 2))
+    for case, rows in held_out(run):
+        g, p = stack(rows['mask'], '127'), stack(rows['mask'], '012', pred)
+        res[case] = (overlap_metrics(p > 0, g > 0)['dice'], overlap_metrics(p == 2, g == 2)['dice'])
     means = [sum(v[i] for v in res.values())/len(res) for i in (0, 1)]
     return ' '.join(f'liver {c} {l:.4f}' for c, (l, _) in res.items()) + f' (mean {means[0]:.4f}); ' + \
            ' '.join(f'tumour {c} {t:.3f}' for c, (_, t) in res.items()) + f' (mean {means[1]:.3f})'
@@ -76,7 +74,6 @@ def fill(run, epoch):
     import numpy as np
     from scipy import ndimage as ndi
     from liver_seg.postprocess import postprocess
-    from liver_seg.slices import read_mask
     def holes_as_tumor(lab):
         out = lab.copy()
         for k in range(lab.shape[2]):
@@ -87,14 +84,13 @@ def fill(run, epoch):
                 'postprocess, holes per slice': lambda l: postprocess(l, fill_holes='2d'),
                 'postprocess, then holes per slice as tumour': lambda l: holes_as_tumor(postprocess(l))}
     from PIL import Image
-    truth, out = run/'holdout'/'masks', run/'.fill'
+    out = run/'.fill'
     for name, f in variants.items():
         out.mkdir(exist_ok=True)
-        for case in held_out_cases(run):
-            fs = case_stacks(truth, case)
-            lab = f(np.stack([read_mask(run/f'pred_e{epoch}'/p.name, '012') for p in fs], -1).astype(np.uint8))
-            for k, p in enumerate(fs): Image.fromarray(lab[:, :, k]).save(out/p.name)
-        print(f'{name:44s}', scores(out, truth))
+        for case, rows in held_out(run):
+            lab = f(np.moveaxis(stack(rows['mask'], '012', run/f'pred_e{epoch}'), 0, -1))  # X x Y x slices, as `postprocess` takes
+            for k, m in enumerate(rows['mask']): Image.fromarray(lab[:, :, k]).save(out/Path(m).name)
+        print(f'{name:44s}', scores(out, run))
         shutil.rmtree(out)
 
 
