@@ -92,8 +92,9 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             device:Annotated[str, dict(metavar='DEVICE')]='auto', # auto, cpu or cuda
             batch_size:_N=8,        # slices per forward pass
             tta:bool=False,         # average with the left-right flipped slice (models trained with --flip only)
-            postprocess:Annotated[bool, dict(help="volumes: write the network's labels without the post-processing "
-                                             "(largest liver component, tumour inside it, holes filled); slice folders never get it")]=True, # volumes: keep the largest liver component, tumour inside it, fill holes
+            postprocess:Annotated[bool, dict(help="write the network's labels as they are: without the tumour rule (tumour is what is darker "
+                                             "than the liver, per slice) and, for volumes, without the post-processing (largest liver component, "
+                                             "tumour inside it, holes filled)")]=True, # the tumour rule everywhere; for volumes, also the largest liver component, tumour inside it, holes filled
             encoding:Annotated[str, dict(choices=['012', '127'])]='012', # mask PNG values: 012 (0/1/2) or 127 (0/127/255)
             allow_pickle:bool=False, # load learner.pkl instead of the weights (runs code from the file)
             part:Annotated[str, dict(metavar='I/N')]='1/1', # folder of volumes: predict only share I of N, e.g. one job of a job array
@@ -116,7 +117,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
         extras = [('.json', report.write_label_statistics)] * statistics + [('.png', report.write_preview)] * preview
         writer = report.write_dicom_seg if format == 'dicom-seg' else None
     res = predict_path(model_dir, input, output, device=device, batch_size=batch_size, tta=tta,
-                       postprocess=None if postprocess else False, # None: on for volumes, off for slice folders
+                       postprocess=None if postprocess else False, # None: on for volumes, the tumour rule only for slice folders
                        encoding=encoding, allow_pickle=allow_pickle, part=part, workers=workers, series=series, force=force,
                        progress=not Quiet, probabilities=probabilities, extras=extras,
                        writer=writer, engine=engine)

@@ -47,6 +47,7 @@ CONFIG_SCHEMA = {  # key: (test of the value, what it may hold); `input` and `no
     'precision': _one_of('auto', 'fp32', 'bf16', 'fp16'),
     'orientation': (lambda v: v is None or isinstance(v, str), "a convention name"),
     'arch_kwargs': (lambda v: isinstance(v, dict), "a dict of U-Net options"),
+    'tumor_contrast': (lambda v: _num(v) and -255 <= v <= 255, "gray levels from -255 to 255, or null (keep every tumour)"),
 }
 
 def check_config(cfg:dict, # a `config.json` dict

@@ -294,6 +294,7 @@ def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.pn
                     augment:bool=True, # rotation/zoom/lighting augmentation on training batches
                     normalize='data', # 'data' (measured on training slices), 'imagenet', or {'mean': [...], 'std': [...]}
                     tumor_weight:float=0., # over-sample slices with tumour by 1 + this (0: off)
+                    synth_lesions:float=0., # share of training slices that get synthetic lesions in the liver (`SynthLesions`; 0: off)
                     every:int=1, # use every n-th slice of each case (quick experiments)
                     liver_crop=None, # (min, max) margin: train on the slices around the liver, cropped to its true box (the fine stage)
                     num_workers:int=0, # DataLoader worker processes
@@ -302,6 +303,7 @@ def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.pn
     import torch
     from fastai.vision.all import (DataBlock, ImageBlock, MaskBlock, Resize, ResizeMethod, Normalize,
                                    aug_transforms, imagenet_stats)
+    from liver_seg.lesions import SynthLesions
     items = data_items(path)
     if every > 1:
         attrs = dict(items.attrs)
@@ -325,7 +327,8 @@ def seg_dataloaders(path, # slice folder (images/ + masks/, or X.png + X_mask.pn
     tfms = aug_transforms(do_flip=flip, max_rotate=10., max_zoom=1.1, max_lighting=0.2, max_warp=0.) if augment else []
     dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes=['background', 'liver', 'tumor'])),
                        get_x=get_x, get_y=get_y, splitter=splitter,
-                       item_tfms=[Resize(size, method=ResizeMethod.Squish), *([train_crop(crop)] if crop and crop < size else [])],
+                       item_tfms=[Resize(size, method=ResizeMethod.Squish), *([train_crop(crop)] if crop and crop < size else []),
+                                  *([SynthLesions(synth_lesions)] if synth_lesions else [])],
                        batch_tfms=[*tfms, Normalize.from_stats(norm['mean'], norm['std'])])
     kw = dict(bs=bs, num_workers=num_workers, device=device or torch.device('cpu'))
     if tumor_weight:

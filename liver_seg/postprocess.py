@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 # %% auto #0
-__all__ = ['label_counts', 'mask_bbox', 'select_components', 'postprocess']
+__all__ = ['TUMOR_CONTRAST', 'label_counts', 'mask_bbox', 'select_components', 'postprocess', 'tumor_by_contrast']
 
 # %% ../nbs/08_postprocess.ipynb #090178eb
 def label_counts(labels) -> dict:
@@ -152,4 +152,31 @@ def postprocess(labels, # uint8 label volume (X, Y, Z): 0 background, 1 liver, 2
     res = out[box]  # a view: written in place
     res[...] = fg
     res[tumor] = 2
+    return out
+
+# %% ../nbs/08_postprocess.ipynb #db632c70
+TUMOR_CONTRAST = 5. # gray levels a tumour's median lies below its slice's liver median (`tumor_by_contrast`)
+
+def _components(mask):
+    "(slices of its box, bool mask within the box) of each connected component of a 2D mask"
+    lab, _ = ndi.label(mask)
+    return [(box, lab[box] == i) for i, box in enumerate(ndi.find_objects(lab), 1)]  # each within its box: a tenth of `ndi.median`'s time
+
+def tumor_by_contrast(labels:np.ndarray, # uint8 N x H x W labels of N slices: 0 background, 1 liver, 2 tumour
+                      gray:np.ndarray, # N x H x W gray levels of the same slices (what the network read)
+                      min_contrast:float|None=TUMOR_CONTRAST, # None: labels as they are
+                      min_liver:int=50 # slices with fewer liver pixels are left as they are
+                     ) -> np.ndarray: # uint8 N x H x W labels (`labels` itself when there is nothing to do)
+    "Per slice: tumour components not `min_contrast` darker than the liver become liver; holes in the liver that are become tumour"
+    if min_contrast is None: return labels
+    out = labels.copy()
+    for k in range(len(labels)):
+        liver = labels[k] == 1
+        if liver.sum() < min_liver: continue
+        fg = labels[k] > 0
+        ceiling, g, o = np.median(gray[k][liver]) - min_contrast, gray[k], out[k]
+        for box, part in _components(labels[k] == 2):
+            if np.median(g[box][part]) > ceiling: o[box][part] = 1
+        for box, part in _components(ndi.binary_fill_holes(fg) & ~fg):
+            if np.median(g[box][part]) <= ceiling: o[box][part] = 2
     return out

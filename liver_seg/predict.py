@@ -73,7 +73,8 @@ def _volume_batch(pred:Predictor, arr, ks):
 PROB_SCALE = 65535 # probabilities are stored as uint16 p * PROB_SCALE (NIfTI-1 has no float16; readers apply scl_slope)
 
 def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, progress:bool,
-                      probs:np.ndarray|None=None # uint16 X x Y x Z x n_out to fill with the softmax (canonical order)
+                      probs:np.ndarray|None=None, # uint16 X x Y x Z x n_out to fill with the softmax (canonical order)
+                      by_contrast:bool=True # `Predictor.labels`' tumour rule
                      ) -> np.ndarray:
     "uint8 labels of a volume in canonical voxel order, a slab of `batch_size` slices at a time"
     _check_orientation(pred)
@@ -81,7 +82,7 @@ def _canonical_labels(pred:Predictor, can:CTVolume, batch_size:int, tta:bool, pr
     out = np.zeros(arr.shape, np.uint8, order='F')  # background where a coarse-to-fine model finds no liver; F: slabs contiguous
     if probs is not None: probs[...] = 0; probs[..., 0] = PROB_SCALE
     batch_of = lambda ks: _volume_batch(pred, arr, ks)
-    for ks, lab, p in slab_labels(pred, batch_of, arr.shape[2], batch_size, tta, probs is not None, progress):
+    for ks, lab, p in slab_labels(pred, batch_of, arr.shape[2], batch_size, tta, probs is not None, progress, by_contrast):
         out[:, :, ks[0]:ks[-1] + 1] = from_display(lab, axes=(1, 2)).transpose(1, 2, 0)  # N x H x W display -> X x Y x N
         if probs is not None:  # N x C x H x W -> X x Y x N x C
             probs[:, :, ks[0]:ks[-1] + 1] = from_display(np.rint(p * PROB_SCALE).astype(np.uint16), axes=(2, 3)).transpose(2, 3, 0, 1)
@@ -93,7 +94,7 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
                    batch_size:int=PREDICT_BATCH, # slices per forward pass
                    device='auto', # 'auto', 'cpu' or 'cuda'
                    tta:bool=False, # flip test-time augmentation
-                   postprocess:bool=True, # keep the largest liver component, fill holes, drop tumour specks
+                   postprocess:bool=True, # tumour where darker than the liver, keep the largest liver component, fill holes, drop tumour specks (False: the argmax)
                    progress:bool=True, # show a progress bar
                    probabilities:bool=False, # also return the softmax per class (before post-processing)
                    engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
@@ -103,7 +104,7 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
     if not isinstance(volume, CTVolume): volume = CTVolume(np.asarray(volume), None if affine is None else np.asarray(affine, float))
     can = volume if volume.affine is None else to_canonical(volume)
     probs = np.empty(can.shape + (pred.config.get('n_out', 3),), np.uint16) if probabilities else None
-    out = _canonical_labels(pred, can, batch_size, tta, progress, probs)
+    out = _canonical_labels(pred, can, batch_size, tta, progress, probs, by_contrast=postprocess)
     if postprocess:
         from liver_seg.postprocess import postprocess as _post
         out = _post(out, spacing=None if can.affine is None else can.spacing)
@@ -136,7 +137,7 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
                    folder, # slice folder: `images/`, or a flat folder of `<case>_<slice>` images
                    output, # output folder of mask PNGs (created)
                    batch_size:int=PREDICT_BATCH, device='auto', tta:bool=False,
-                   postprocess:bool=False, # post-process each case's stack of slices
+                   postprocess:bool|None=None, # None: tumour where darker than the liver (per slice); True: also post-process each case's stack; False: the argmax
                    encoding:str='012', # '012' or '127' (0/127/255)
                    force:bool=False, # replace an existing output folder
                    progress:bool=True,
@@ -157,14 +158,14 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
             if pred.config.get('cascade') and len({a.shape for a in imgs}) == 1:  # a case's stack: coarse to fine
                 stack = np.stack(imgs)
                 labs = [np.zeros(a.shape[:2], np.uint8) for a in imgs]
-                for ks, lab, _ in slab_labels(pred, lambda ks: stack[ks], len(stack), batch_size, tta):
+                for ks, lab, _ in slab_labels(pred, lambda ks: stack[ks], len(stack), batch_size, tta, by_contrast=postprocess is not False):
                     for k, l in zip(ks, lab): labs[k] = l
                 imgs = []  # all labelled
             i = 0
             while i < len(imgs):  # batches of consecutive slices with the same size
                 j = i + 1
                 while j < len(imgs) and j - i < batch_size and imgs[j].shape == imgs[i].shape: j += 1
-                for n, l in enumerate(pred.labels(np.stack(imgs[i:j]), tta)): labs[i + n] = l
+                for n, l in enumerate(pred.labels(np.stack(imgs[i:j]), tta, by_contrast=postprocess is not False)): labs[i + n] = l
                 i = j
             if postprocess and len({l.shape for l in labs}) == 1:
                 from liver_seg.postprocess import postprocess as _post
@@ -208,7 +209,7 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  batch_size:int=PREDICT_BATCH, # slices per forward pass
                  device='auto', # 'auto', 'cpu' or 'cuda'
                  tta:bool=False, # flip test-time augmentation
-                 postprocess:bool|None=None, # default: on for volumes, off for slice folders
+                 postprocess:bool|None=None, # default: on for volumes; for slice folders only the tumour rule (`predict_slices`); False: the argmax
                  encoding:str='012', # mask PNG values for slice folders: '012' or '127'
                  force:bool=False, # replace an existing output
                  progress:bool=True, # show a progress bar
@@ -243,7 +244,7 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
         if is_nii: raise LiverSegError(output, "a slice folder gives a folder of mask PNGs, not a NIfTI file")
         pred = get_predictor(model, device, allow_pickle, engine)
         if tta: pred.check_tta()  # before any work
-        return predict_slices(pred, input, output, batch_size, device, tta, bool(postprocess), encoding, force, progress)
+        return predict_slices(pred, input, output, batch_size, device, tta, postprocess, encoding, force, progress)
     if not is_nii and writer is None: raise LiverSegError(output, "output of a volume must end in .nii.gz (or .nii)")
     pred, vol = _open_while_reading(model, device, allow_pickle, engine, tta, input, kind, series)
     return _predict_file(pred, input, kind, output, batch_size, tta, postprocess is None or postprocess, force, progress,
@@ -276,7 +277,7 @@ def _predict_file(pred:Predictor, src:Path, kind:str, dest:Path, batch_size:int,
     can = model_volume(pred, to_canonical(vol))
     if not extras and not np.may_share_memory(can.array, vol.array): _free_voxels(vol)  # 8-bit model: the gray is all it reads
     probs = np.empty(can.shape + (pred.config.get('n_out', 3),), np.uint16) if probabilities else None
-    labels = _canonical_labels(pred, can, batch_size, tta, progress, probs)
+    labels = _canonical_labels(pred, can, batch_size, tta, progress, probs, by_contrast=postprocess)
     spacing = can.spacing
     if probs is not None: write_probabilities(probs, vol, side_path(dest, '_probabilities.nii.gz'), force, inputs); del probs
     del can

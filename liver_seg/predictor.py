@@ -16,6 +16,7 @@ from .io import LiverSegError
 from .config import cpu_has_bf16, read_config, weights_file
 from .engine import load_engine, open_cached_engine, TorchEngine
 from .crops import liver_box, largest_component, scale_box, grow_box
+from .postprocess import tumor_by_contrast, TUMOR_CONTRAST
 
 PREDICT_BATCH = 8 # slices per forward pass: as fast as 16 on a 2-core CPU, ~0.3 GB less peak memory (bench/README.md)
 
@@ -56,6 +57,7 @@ class Predictor:
         self.config, self.device = config, resolve_device(device)
         self.source = 'config.json'  # where the config came from, for error messages
         self.size = int(config['size'])
+        self.tumor_contrast = config.get('tumor_contrast', TUMOR_CONTRAST)  # `tumor_by_contrast`'s threshold; None: off
         prec, cuda = config.get('precision', 'fp32'), self.device.startswith('cuda')
         self.amp = 'bf16' if prec == 'bf16' and (cuda or cpu_has_bf16()) else 'fp16' if prec == 'fp16' and cuda else None
         self.channels_last = self.amp is not None
@@ -174,15 +176,24 @@ def scores(self:Predictor,
     return out
 
 @patch
+def gray(self:Predictor,
+         imgs:np.ndarray # uint8 N x H x W x C slices, as `labels` gets them
+        ) -> np.ndarray: # uint8 N x H x W
+    "The gray levels `tumor_by_contrast` compares: the middle slice of a 2.5D input, else the first channel"
+    return imgs[..., 1] if imgs.shape[-1] == 3 and self.config.get('input', {}).get('context', 0) else imgs[..., 0]
+
+@patch
 def labels(self:Predictor,
            imgs:np.ndarray, # uint8 N x H x W x C slices in display orientation, all the same size (C = 1: one gray channel for all)
            tta:bool=False, # flip test-time augmentation
-           probabilities:bool=False # also return the softmax per class at the same resolution
+           probabilities:bool=False, # also return the softmax per class at the same resolution
+           by_contrast:bool=True # tumour where darker than the liver (`tumor_by_contrast`, as the config says); False: the argmax
           ) -> np.ndarray: # uint8 N x H x W labels (and float32 N x n_out x H x W probabilities)
-    "Labels at the slices' own resolution: logits resized back (bilinear), then argmax"
+    "Labels at the slices' own resolution: logits resized back (bilinear), argmax, then tumour where darker than the liver (`tumor_by_contrast`)"
     out = self.scores(imgs, tta)
     if out.shape[-2:] != imgs.shape[1:3]: out = _resize_maps(out, imgs.shape[1:3])
     labels = class_labels(out)
+    if by_contrast: labels = tumor_by_contrast(labels, self.gray(imgs), self.tumor_contrast)
     if not probabilities: return labels
     return labels, (out if tta else softmax(out, 1))  # with tta the output is already probabilities
 
@@ -227,7 +238,8 @@ def _into_box(a:np.ndarray, shape:tuple, plane:tuple, background) -> np.ndarray:
 def slab_labels(pred:Predictor, # model; with a coarse stage only the liver's box is labelled
                 batch_of,       # function: slice indices -> uint8 N x H x W x C model inputs (display orientation)
                 n:int,          # number of slices
-                batch_size:int=PREDICT_BATCH, tta:bool=False, probabilities:bool=False, progress:bool=False):
+                batch_size:int=PREDICT_BATCH, tta:bool=False, probabilities:bool=False, progress:bool=False,
+                by_contrast:bool=True): # `Predictor.labels`' tumour rule
     "Yield (slice indices, uint8 N x H x W labels, float32 N x C x H x W probabilities or None) slab by slab; slices not yielded are background"
     region = liver_region(pred, batch_of, n, batch_size) if pred.config.get('cascade') else (0, n, None, None, None, None)
     if region is None: return
@@ -237,7 +249,7 @@ def slab_labels(pred:Predictor, # model; with a coarse stage only the liver's bo
         ks = np.arange(k0, min(k0 + batch_size, z1))
         imgs = batch_of(ks)
         plane = (slice(r0, r1), slice(c0, c1))  # the whole slice for a one-stage model (r0 is None)
-        res = pred.labels(np.ascontiguousarray(imgs[:, plane[0], plane[1]]), tta, probabilities=probabilities)
+        res = pred.labels(np.ascontiguousarray(imgs[:, plane[0], plane[1]]), tta, probabilities=probabilities, by_contrast=by_contrast)
         lab, p = res if probabilities else (res, None)
         if r0 is not None:  # back into whole slices, background outside the box
             lab = _into_box(lab, imgs.shape[:3], plane, 0)

@@ -19,6 +19,7 @@ from .io import LiverSegError, atomic_path, refuse_input
 from .core import _WRITE_ERRNOS
 from .data import seg_dataloaders, data_folders
 from .metrics import get_loss, seg_metrics, LOSSES
+from .postprocess import TUMOR_CONTRAST
 from .model import build_model, default_config, write_model_files, encoder_arch, cpu_has_bf16
 from .distributed import distributed_env, process_group, SyncValidation, _without_sync_bn
 from .optimizer import FusedAdam
@@ -64,6 +65,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           flip:bool=False, # allow left-right flips in augmentation
           augment:bool=True, # rotation/zoom/lighting augmentation
           tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
+          synth_lesions:float=0., # share of the fine stage's training crops that get synthetic lesions (`liver_seg.lesions`; 0: off)
           last_cross:bool|None=None, # fastai's full-resolution ResBlock at the U-Net's end (False: a quarter to a third less step time; default: the plan's)
           bottle:bool=True, # that ResBlock with half the channels (fastai's `bottle`; the default: better held-out Dice, bench/RESULTS.md)
           every:int=1, # use every n-th slice of each case
@@ -121,11 +123,11 @@ def _data_and_config(o):
     enc = pretrained_encoder_state(o.arch, o.weights) if (o.pretrained or o.weights is not None) and o.arch != 'simple_cnn' else None
     dls = seg_dataloaders(o.data, size=o.size, crop=o.crop, bs=o.bs, valid_cases=o.valid_cases, valid_pct=o.valid_pct, seed=o.seed,
                           liver_crop=tuple(o.crop_margins) if o.cascade else None,
-                          context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, every=o.every,
+                          context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, synth_lesions=o.synth_lesions, every=o.every,
                           num_workers=o.num_workers, device=o.device)
     recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, optimizer=FusedAdam.__name__, plan=o.plan, fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
-                  precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight,
+                  precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, synth_lesions=o.synth_lesions,
                   last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor,
                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
     if o.cascade: recipe.update(cascade=True, coarse_size=o.coarse_size, coarse_epochs=o.coarse_epochs, crop_margins=list(o.crop_margins))
@@ -134,6 +136,7 @@ def _data_and_config(o):
                          precision=o.precision, recipe=recipe, split=dls.split)
     unet_kwargs = {k: v for k, v in dict(last_cross=o.last_cross, bottle=o.bottle and o.last_cross).items() if v != UNET_DEFAULTS[k]}  # no last block: nothing to halve
     if unet_kwargs and o.arch != 'simple_cnn': cfg['arch_kwargs'] = unet_kwargs
+    cfg['tumor_contrast'] = TUMOR_CONTRAST  # `predict`: tumour is what is darker than the liver (`liver_seg.postprocess.tumor_by_contrast`); null: off
     if o.cascade: cfg['cascade'] = dict(coarse='coarse', margin=round(float(np.mean(o.crop_margins)), 4), z_margin=2)
     return dls, enc, cfg
 

@@ -15,8 +15,8 @@ class BrightIsLiver(torch.nn.Conv2d):
             self.weight[1, 0] = 8.; self.bias[2] = -100.
 
 
-def untrained_model_folder(folder, arch='resnet34', precision='bf16', seed=0, size=64):
+def untrained_model_folder(folder, arch='resnet34', precision='bf16', seed=0, size=64, **config):
     "A model folder of an untrained U-Net: its labels are arbitrary but fixed, which is all geometry checks need"
-    cfg = default_config(arch=arch, size=size, precision=precision, input=HU_INPUT)
+    cfg = default_config(arch=arch, size=size, precision=precision, input=HU_INPUT, **config)
     torch.manual_seed(seed)
     return save_model_folder(build_model(cfg), cfg, folder)

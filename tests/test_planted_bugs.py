@@ -44,7 +44,8 @@ class FixedLogits(torch.nn.Module):
 def test_labels_resize_logits_bilinear_then_argmax():
     size, (h, w) = 5, (17, 23)   # model size and a slice size that is no multiple of it
     logits = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (1, 3, size, size)).astype(np.float32))
-    pred = Predictor(FixedLogits(logits), default_config(arch='fixed', size=size, precision='fp32'), device='cpu')
+    cfg = default_config(arch='fixed', size=size, precision='fp32', tumor_contrast=None)  # the argmax, without the tumour rule
+    pred = Predictor(FixedLogits(logits), cfg, device='cpu')
     imgs = np.zeros((2, h, w, 3), np.uint8)
     got = pred.labels(imgs)
     want = F.interpolate(logits, size=(h, w), mode='bilinear', align_corners=False).argmax(1)[0].numpy()
@@ -262,11 +263,11 @@ def test_predict_uses_configured_windows():
     hu = _rings()
     windows = [[400, 50], [1500, -600]]  # the first window's middle is HU 50; the default liver window's is 30
     inp = {'kind': 'hu_windows', 'windows': windows, 'freqhist': True, 'context': 0}
-    cfg = default_config(arch='bright', size=hu.shape[0], precision='fp32', input=inp)
+    cfg = default_config(arch='bright', size=hu.shape[0], precision='fp32', input=inp, tumor_contrast=None)  # its dark rings are no lesions
     labels = predict_volume((BrightIsLiver().eval(), cfg), hu, postprocess=False, progress=False)
     np.testing.assert_array_equal(labels, (hu > 50).astype(np.uint8))
     # the test can tell: with the default windows the HU 40 ring is liver
-    dflt = default_config(arch='bright', size=hu.shape[0], precision='fp32', input={**inp, 'windows': [[150, 30], [200, 60]]})
+    dflt = default_config(arch='bright', size=hu.shape[0], precision='fp32', input={**inp, 'windows': [[150, 30], [200, 60]]}, tumor_contrast=None)
     other = predict_volume((BrightIsLiver().eval(), dflt), hu, postprocess=False, progress=False)
     np.testing.assert_array_equal(other, (hu > 30).astype(np.uint8))
     assert (other != labels).sum() > 100

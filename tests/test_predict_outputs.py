@@ -36,11 +36,17 @@ def lits(tmp_path_factory):
     return d
 
 
-def test_statistics_are_the_labels_counted(model, lits, tmp_path):
+@pytest.fixture(scope='module')
+def model_without_rule(tmp_path_factory):
+    "The same network with the tumour rule off (`tumor_contrast` null): its random tumour is no darker than its liver, and the rule would drop it"
+    return untrained_model_folder(tmp_path_factory.mktemp('m')/'model', arch='resnet18', precision='fp32', seed=3, tumor_contrast=None)
+
+
+def test_statistics_are_the_labels_counted(model_without_rule, lits, tmp_path):
     "The JSON beside the output is the statistics of the labels written, on the CT read; this case's labels hold tumour"
     from liver_seg.report import label_statistics
     out = tmp_path/'seg.nii.gz'
-    cli('predict', model, lits/'volume-0.nii.gz', out, '--statistics', '-q')
+    cli('predict', model_without_rule, lits/'volume-0.nii.gz', out, '--statistics', '-q')
     stats, lab = json.loads((tmp_path/'seg.json').read_text()), read_labels(out)
     assert (lab.array == 2).any() and (lab.array == 1).any()   # both classes, so every number below is exercised
     assert stats == json.loads(json.dumps(label_statistics(lab, read_nifti(lits/'volume-0.nii.gz'))))
@@ -71,6 +77,21 @@ def test_probabilities_argmax_is_the_labels_before_postprocessing(model, lits, t
     assert clear.mean() > 0.99
     assert (p.argmax(-1) == np.asarray(lab.dataobj))[clear].all()
     assert len(np.unique(np.asarray(lab.dataobj))) > 1
+
+
+def test_tumour_rule_by_default_and_not_with_no_postprocess(model, lits, tmp_path):
+    "A slice folder's masks are `tumor_by_contrast` of the network's labels in the first window's gray; --no-postprocess writes the labels"
+    from liver_seg.io import read_image, read_mask
+    from liver_seg.postprocess import tumor_by_contrast
+    cli('prepare', lits, tmp_path/'slices', '--windows', 'liver,custom', '--format', 'png', '-q')  # the model's window channels, lossless
+    cli('predict', model, tmp_path/'slices'/'images', tmp_path/'ruled', '-q')
+    cli('predict', model, tmp_path/'slices'/'images', tmp_path/'raw', '--no-postprocess', '-q')
+    names = sorted(p.name for p in (tmp_path/'ruled').iterdir())
+    raw = np.stack([read_mask(tmp_path/'raw'/n, '012') for n in names])
+    gray = np.stack([read_image(tmp_path/'slices'/'images'/n)[..., 0] for n in names])
+    ruled = np.stack([read_mask(tmp_path/'ruled'/n, '012') for n in names])
+    np.testing.assert_array_equal(ruled, tumor_by_contrast(raw, gray))
+    assert (ruled != raw).sum() > 50   # the rule changed this network's labels, so the two paths can be told apart
 
 
 def test_preview_png_beside_the_labels(model, lits, tmp_path):
