@@ -44,11 +44,11 @@ def paint_lesions(img:np.ndarray, # uint8 slice, H x W or H x W x C (every chann
         centres = np.argwhere(depth >= r / 2)
         if not len(centres): continue
         lesion = _ellipse(mask.shape, centres[rng.integers(len(centres))], r, rng) & (mask > 0)
-        alpha = np.clip(ndimage.gaussian_filter(lesion.astype(np.float32), rng.uniform(0.5, 1.2)), 0, 1) * (mask > 0)
+        cover = np.clip(ndimage.gaussian_filter(lesion.astype(np.float32), rng.uniform(0.5, 1.2)), 0, 1) * (mask > 0)
         texture = level - rng.uniform(*contrast) + ndimage.gaussian_filter(rng.normal(0, spread, mask.shape), 1.)
-        if out.ndim == 3: alpha, texture = alpha[..., None], texture[..., None]
-        out = out * (1 - alpha) + texture * alpha
-        mask[(alpha if alpha.ndim == 2 else alpha[..., 0]) > 0.5] = 2
+        a, t = (cover[..., None], texture[..., None]) if out.ndim == 3 else (cover, texture)
+        out = out * (1 - a) + t * a  # a blurred edge blends the lesion in
+        mask[cover > 0.5] = 2
     return np.clip(out, 0, 255).round().astype(np.uint8), mask
 
 # %% ../nbs/03b_lesions.ipynb #737843ab

@@ -166,7 +166,7 @@ def tumor_by_contrast(labels:np.ndarray, # uint8 N x H x W labels of N slices: 0
                       gray:np.ndarray, # N x H x W gray levels of the same slices (what the network read)
                       min_contrast:float|None=TUMOR_CONTRAST, # None: labels as they are
                       min_liver:int=50 # slices with fewer liver pixels are left as they are
-                     ) -> np.ndarray: # uint8 N x H x W labels (`labels` itself when there is nothing to do)
+                     ) -> np.ndarray: # uint8 N x H x W labels (`labels` itself when `min_contrast` is None)
     "Per slice: tumour components not `min_contrast` darker than the liver become liver; holes in the liver that are become tumour"
     if min_contrast is None: return labels
     out = labels.copy()
