@@ -58,6 +58,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
           bs:_N=None,              # batch size (default: the recipe's)
           lr:Annotated[float, dict(metavar='LR')]=None, # maximum learning rate (default: the recipe's)
           loss:Annotated[str, dict(metavar='NAME')]=None, # ce, dice, iou, focal or ce+dice (default: the recipe's)
+          synth_lesions:Annotated[float, dict(metavar='P')]=None, # share of the fine stage's training crops given synthetic lesions (default: the plan's)
           valid_cases:Annotated[str, dict(metavar='IDS')]=None, # comma-separated case ids held out for validation (default: a seeded fraction of cases)
           pretrained:Annotated[bool, dict(help="train the encoder from scratch instead of from ImageNet weights")]=True, # start the encoder from ImageNet weights (cached or online)
           weights:_File=None,      # local encoder weights file instead of downloading
@@ -75,7 +76,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
     from liver_seg.train import train as _train, load_train_config
     if out is None: raise LiverSegError(data[0], "no model folder given; use --out MODEL_DIR")
     kw = load_train_config(config) if config else {}
-    given = dict(arch=arch, size=size, epochs=epochs, plan=plan, bs=bs, lr=lr, loss=loss, valid_cases=_csv(valid_cases),
+    given = dict(arch=arch, size=size, epochs=epochs, plan=plan, bs=bs, lr=lr, loss=loss, synth_lesions=synth_lesions, valid_cases=_csv(valid_cases),
                  pretrained=pretrained, weights=weights, precision=precision, seed=seed, monitor=monitor, context=context, cascade=cascade,
                  resume=resume, force=force)
     kw.update({k:v for k,v in given.items() if v is not None})

@@ -65,7 +65,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           flip:bool=False, # allow left-right flips in augmentation
           augment:bool=True, # rotation/zoom/lighting augmentation
           tumor_weight:float=0., # over-sample tumour slices by 1 + this (0: off)
-          synth_lesions:float=0., # share of the fine stage's training crops that get synthetic lesions (`liver_seg.lesions`; 0: off)
+          synth_lesions:float|None=None, # share of the fine stage's training crops that get synthetic lesions (`liver_seg.lesions`; default: the plan's)
           last_cross:bool|None=None, # fastai's full-resolution ResBlock at the U-Net's end (False: a quarter to a third less step time; default: the plan's)
           bottle:bool=True, # that ResBlock with half the channels (fastai's `bottle`; the default: better held-out Dice, bench/RESULTS.md)
           every:int=1, # use every n-th slice of each case
@@ -98,6 +98,7 @@ def _check_options(o):
     if o.plan != 'auto' and o.plan not in PLANS: raise LiverSegError('--plan', f"unknown plan {o.plan!r}: use auto, {', '.join(PLANS)}")
     if o.crop is not None and not 0 < o.crop <= o.size: raise LiverSegError('--crop', f"must be a patch side from 1 to the size ({o.size}); got {o.crop}")
     if o.crop is not None and o.cascade: raise LiverSegError('--crop', "random patches and the coarse-to-fine liver crops exclude each other: add --no-cascade")
+    if o.synth_lesions is not None and not 0 <= o.synth_lesions <= 1: raise LiverSegError('--synth-lesions', f"must be a share from 0 to 1; got {o.synth_lesions}")
     if o.fit not in ('one_cycle', 'fine_tune'): raise LiverSegError('--fit', f"unknown schedule {o.fit!r}: use one_cycle or fine_tune")
     o.inputs = data_folders(o.data) + ([Path(o.weights)] if o.weights is not None else [])
     refuse_input(o.out, o.inputs) # --force never replaces the slices (or weights) it trains on
@@ -245,7 +246,7 @@ def _train_coarse(o):
     keep = ('arch', 'bs', 'lr', 'loss', 'valid_cases', 'valid_pct', 'pretrained', 'weights', 'precision', 'seed', 'context',
             'fit', 'wd', 'flip', 'monitor', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'plan', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
     if o.progress and o.rank == 0: print(f"coarse stage: whole slices at {o.coarse_size} px, {o.coarse_epochs} epochs", flush=True)
-    try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True,
+    try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True, synth_lesions=0.,  # it finds the liver, lesions and all
                **{k: getattr(o, k) for k in keep}, device=None if o.device is None else str(o.device))
     except LiverSegError as e:  # the hidden folder is ours: the user asked for OUT
         if Path(e.path) == dest or dest in Path(e.path).parents: raise LiverSegError(o.out, f"coarse stage: {e.problem}") from None
@@ -289,8 +290,8 @@ def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
     return 'bf16', [CPUBF16()]
 
 # %% ../nbs/07_train.ipynb #2f9a0edb
-PLANS = {'standard': dict(epochs=12, coarse_epochs=6, last_cross=True), # where bf16 (or a GPU) is used
-         'light': dict(epochs=8, coarse_epochs=4, last_cross=False)}   # fp32 on a CPU: the budget without bf16
+PLANS = {'standard': dict(epochs=12, coarse_epochs=6, last_cross=True, synth_lesions=0.5), # where bf16 (or a GPU) is used
+         'light': dict(epochs=8, coarse_epochs=4, last_cross=False, synth_lesions=0.5)}   # fp32 on a CPU: the budget without bf16
 
 def training_plan(plan:str='auto', # 'auto', or a name in `PLANS`
                   precision:str='fp32', # the run's precision, as `resolve_precision` settled it
