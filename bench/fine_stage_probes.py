@@ -7,7 +7,9 @@
 
 RUN is an `accuracy_epochs.py` work folder (its `model`, `holdout`, `epochN.pth`, `mN` and `pred_eN`). `batch-dice` runs
 `accuracy_epochs.py` with both stages trained on cross-entropy plus fastai's `DiceLoss` taken over the batch (nnU-Net's
-"batch Dice") instead of per slice. Everything is written under RUN or W, outside the repository. Measured, never asserted.
+"batch Dice") instead of per slice. `oracle` predicts with `predict_slices`' defaults, as `liver-seg predict` made RUN's
+`pred_eN`: since session 13 both include the tumour rule (`tumor_by_contrast`), so compare a RUN predicted by the
+same liver_seg version. Everything is written under RUN or W, outside the repository. Measured, never asserted.
 """
 import argparse, json, os, runpy, shutil, sys, warnings
 from pathlib import Path

@@ -146,7 +146,7 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
     "Predict every slice image of a slice folder; one mask PNG per image, same names"
     from PIL import Image
     if encoding not in _ENCODE: raise LiverSegError('--encoding', f"unknown encoding {encoding!r}: use 012 or 127")
-    pred = get_predictor(model, device, engine=engine)
+    pred, rule = get_predictor(model, device, engine=engine), postprocess is not False  # the tumour rule unless the argmax is asked for
     df = find_slice_pairs(folder, masks=False)
     output = Path(output)
     with atomic_path(output, force, inputs=[folder, *df['image']]) as tmp:
@@ -158,14 +158,14 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
             if pred.config.get('cascade') and len({a.shape for a in imgs}) == 1:  # a case's stack: coarse to fine
                 stack = np.stack(imgs)
                 labs = [np.zeros(a.shape[:2], np.uint8) for a in imgs]
-                for ks, lab, _ in slab_labels(pred, lambda ks: stack[ks], len(stack), batch_size, tta, by_contrast=postprocess is not False):
+                for ks, lab, _ in slab_labels(pred, lambda ks: stack[ks], len(stack), batch_size, tta, by_contrast=rule):
                     for k, l in zip(ks, lab): labs[k] = l
                 imgs = []  # all labelled
             i = 0
             while i < len(imgs):  # batches of consecutive slices with the same size
                 j = i + 1
                 while j < len(imgs) and j - i < batch_size and imgs[j].shape == imgs[i].shape: j += 1
-                for n, l in enumerate(pred.labels(np.stack(imgs[i:j]), tta, by_contrast=postprocess is not False)): labs[i + n] = l
+                for n, l in enumerate(pred.labels(np.stack(imgs[i:j]), tta, by_contrast=rule)): labs[i + n] = l
                 i = j
             if postprocess and len({l.shape for l in labs}) == 1:
                 from liver_seg.postprocess import postprocess as _post
