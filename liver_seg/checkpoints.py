@@ -41,12 +41,13 @@ class EpochCheckpoint(TrackerCallback):
     "After each epoch write `best.pth` on a new best `monitor` and `last.pth` (all a resume needs), atomically; load the best at the end"
     order = 70 # after the Recorder (50) logged the epoch, so history.csv holds every epoch `last.pth` counts
     def __init__(self, monitor='dice_mean', # metric to maximise, or 'last': keep the last epoch
+                 min_epoch:int=0, # the earliest epoch a metric may choose: those before are never kept
                  history=None, # the run's `HistoryLogger` (its rows and batch losses go into `last.pth`)
                  start_epoch:int=0, # epochs before this one were done before a resume: skip them
                  best:float|None=None, # best score of the epochs done before a resume
                  resumable:bool=True): # write `last.pth` (one-cycle runs)
         super().__init__(monitor=monitor, comp=np.greater, reset_on_fit=False)
-        self.history, self.start_epoch, self.best, self.resumable = history, start_epoch, best, resumable
+        self.min_epoch, self.history, self.start_epoch, self.best, self.resumable = min_epoch, history, start_epoch, best, resumable
         self.t_before = 0.
     def before_fit(self):
         if self.monitor != 'last': super().before_fit() # fastai's tracker looks the metric up among the recorder's columns
@@ -55,6 +56,7 @@ class EpochCheckpoint(TrackerCallback):
     def after_epoch(self):
         if self.epoch < self.start_epoch: return # skipped on resume (fastai still calls after_epoch)
         if self.monitor == 'last': self.best, self.new_best = float(self.epoch), False # the fit ends on the kept weights: no copy aside
+        elif self.epoch < self.min_epoch: self.new_best = False
         else: super().after_epoch()
         from fastai.torch_core import rank_distrib, get_model
         if rank_distrib(): return # only rank 0 writes

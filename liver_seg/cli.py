@@ -65,6 +65,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
           precision:Annotated[str, dict(metavar='P')]=None, # auto (default), fp32, bf16 or fp16
           seed:_N=None,            # random seed (default: 42)
           monitor:Annotated[str, dict(metavar='RULE', choices=['dice_mean', 'liver_dice', 'tumor_dice', 'last'])]=None, # the epoch kept: best validation liver_dice (default), dice_mean or tumor_dice, or last
+          min_epoch:Annotated[int, dict(metavar='E')]=None, # the earliest epoch RULE may keep, from 0 (default: the first below half the peak learning rate)
           context:_N=None,         # 1: neighbouring slices as the three channels (2.5D, 8-bit slice data)
           cascade:Annotated[bool, dict(help="one stage on whole slices instead of coarse to fine")]=True, # coarse to fine: a coarse stage finds the liver, this model segments its box
           config:_File=None,       # YAML or JSON file with any of these options
@@ -77,7 +78,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
     if out is None: raise LiverSegError(data[0], "no model folder given; use --out MODEL_DIR")
     kw = load_train_config(config) if config else {}
     given = dict(arch=arch, size=size, epochs=epochs, plan=plan, bs=bs, lr=lr, loss=loss, synth_lesions=synth_lesions, valid_cases=_csv(valid_cases),
-                 pretrained=pretrained, weights=weights, precision=precision, seed=seed, monitor=monitor, context=context, cascade=cascade,
+                 pretrained=pretrained, weights=weights, precision=precision, seed=seed, monitor=monitor, min_epoch=min_epoch, context=context, cascade=cascade,
                  resume=resume, force=force)
     kw.update({k:v for k,v in given.items() if v is not None})
     if config and pretrained: kw['pretrained'] = load_train_config(config).get('pretrained', True) # only --no-pretrained overrides the file

@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/train.html.md"""
 
 # %% ../nbs/07_train.ipynb #ea574ea8
 from __future__ import annotations
-import json, os, shutil, time, warnings
+import json, math, os, shutil, time, warnings
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,8 +27,8 @@ from .checkpoints import run_folder, EpochCheckpoint, resume_state, _new_run_fol
 from .history import HistoryLogger, EpochTable, plot_learning_curves
 
 # %% auto #0
-__all__ = ['UNET_DEFAULTS', 'MONITORS', 'MONITOR', 'PLANS', 'train', 'CPUBF16', 'resolve_precision', 'training_plan',
-           'pretrained_encoder_state', 'load_train_config', 'auto_context']
+__all__ = ['UNET_DEFAULTS', 'MONITORS', 'MONITOR', 'PLANS', 'train', 'CPUBF16', 'resolve_precision', 'settled_epoch',
+           'training_plan', 'pretrained_encoder_state', 'load_train_config', 'auto_context']
 
 # %% ../nbs/07_train.ipynb #8f204557
 UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
@@ -75,6 +75,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           crop_margins:tuple=(0.02, 0.10), # the fine stage's training boxes: true liver box + a margin per side from this range (fraction of the slice side)
           plan:str='auto', # the defaults above: 'auto' (`training_plan`: 'light' for fp32 on a CPU), 'standard' or 'light'
           monitor:str=MONITOR, # the epoch kept: best validation 'liver_dice' (default), 'dice_mean' or 'tumor_dice', or 'last'
+          min_epoch:int|None=None, # the earliest epoch `monitor` may keep (default: `settled_epoch` of a one-cycle run, else 0)
           num_workers:int=0, # DataLoader workers
           device=None, # 'cpu', 'cuda' (default: CUDA if available)
           force:bool=False, # replace an existing model folder
@@ -114,6 +115,8 @@ def _check_options(o):
     o.plan = training_plan(o.plan, o.precision, o.device)
     for k, v in PLANS[o.plan].items():
         if getattr(o, k) is None: setattr(o, k, v)  # what the caller gave wins
+    if o.min_epoch is None: o.min_epoch = settled_epoch(o.epochs) if o.fit == 'one_cycle' else 0
+    if not 0 <= o.min_epoch < o.epochs: raise LiverSegError('--min-epoch', f"must be an epoch from 0 to {o.epochs - 1} (the first is 0); got {o.min_epoch}")
     if o.context is None: o.context = auto_context(o.data)
     if o.arch != 'simple_cnn': encoder_arch(o.arch)
 
@@ -129,7 +132,7 @@ def _data_and_config(o):
     recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, optimizer=FusedAdam.__name__, plan=o.plan, fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, synth_lesions=o.synth_lesions,
-                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor,
+                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor, min_epoch=o.min_epoch,
                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
     if o.cascade: recipe.update(cascade=True, coarse_size=o.coarse_size, coarse_epochs=o.coarse_epochs, crop_margins=list(o.crop_margins))
     if o.world > 1: recipe['processes'] = o.world # bs is per process
@@ -169,7 +172,7 @@ def _run_learner(o, dls, enc, cfg, run, ckpt):
     o.history = HistoryLogger(run/'history.csv') if o.rank == 0 else None
     o.start = 0 if ckpt is None else ckpt['epochs_done']
     if ckpt is not None: _restore_run(o, model, ckpt, run)
-    o.check = EpochCheckpoint(o.monitor, o.history, o.start, None if ckpt is None else ckpt['best'], resumable=o.fit == 'one_cycle')
+    o.check = EpochCheckpoint(o.monitor, o.min_epoch, o.history, o.start, None if ckpt is None else ckpt['best'], resumable=o.fit == 'one_cycle')
     if ckpt is not None: o.check.t_before = ckpt['seconds']
     o.run_cbs = ([o.history] if o.rank == 0 else []) + [o.check, *o.precision_cbs] + ([SyncValidation()] if o.world > 1 else [])
     learn = _learner(dls, model, cfg, o.loss, o.lr, o.run_cbs + list(o.cbs or []), enc is not None)
@@ -212,17 +215,17 @@ def _fit(o, learn):
             if o.fit == 'one_cycle': learn.fit_one_cycle(o.epochs, o.lr, wd=o.wd, start_epoch=o.start)
             else: learn.fine_tune(o.epochs, base_lr=o.lr, wd=o.wd)
 
-def _kept_epoch(history, monitor:str) -> int|None:
-    "The epoch `EpochCheckpoint(monitor)` kept, from the run's history (fastai's tracker keeps the first of equal bests)"
-    if not len(history): return None
-    return len(history) - 1 if monitor == 'last' else int(history[monitor].to_numpy().argmax())
+def _kept_epoch(history, monitor:str, min_epoch:int=0) -> int|None:
+    "The epoch `EpochCheckpoint(monitor, min_epoch)` kept, from the run's history (fastai's tracker keeps the first of equal bests)"
+    if len(history) <= (0 if monitor == 'last' else min_epoch): return None
+    return len(history) - 1 if monitor == 'last' else min_epoch + int(history[monitor].to_numpy()[min_epoch:].argmax())
 
 def _write_model_folder(o, learn, cfg, run):
     "Weights, config, curves and the fastai export into the run folder, which is then renamed onto `o.out`"
     import pandas as pd
     history = pd.read_csv(run/'history.csv')
     cfg['recipe']['train_seconds'] = round(o.check.t_before + time.time() - o.check.t0, 1)
-    cfg['recipe']['best_epoch'] = _kept_epoch(history, o.monitor)
+    cfg['recipe']['best_epoch'] = _kept_epoch(history, o.monitor, o.min_epoch)
     if o.start and o.resume: cfg['recipe']['resumed_at_epoch'] = o.start
     if o.world > 1: learn.model = _without_sync_bn(learn.model, cfg)
     learn.model.to(memory_format=torch.contiguous_format).eval()
@@ -292,6 +295,11 @@ def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
 # %% ../nbs/07_train.ipynb #2f9a0edb
 PLANS = {'standard': dict(epochs=12, coarse_epochs=6, last_cross=True, synth_lesions=0.5), # where bf16 (or a GPU) is used
          'light': dict(epochs=8, coarse_epochs=4, last_cross=False, synth_lesions=0.5)}   # fp32 on a CPU: the budget without bf16
+
+def settled_epoch(epochs:int, # the one-cycle run's epochs
+                  pct_start:float=0.25): # the warm-up share of the schedule (fastai's `fit_one_cycle` default)
+    "The first epoch that one-cycle trains wholly at or below half its peak learning rate (at most the last epoch)"
+    return min(math.ceil(epochs * (1 + pct_start) / 2), epochs - 1)
 
 def training_plan(plan:str='auto', # 'auto', or a name in `PLANS`
                   precision:str='fp32', # the run's precision, as `resolve_precision` settled it
