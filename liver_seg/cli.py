@@ -65,7 +65,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
           precision:Annotated[str, dict(metavar='P')]=None, # auto (default), fp32, bf16 or fp16
           seed:_N=None,            # random seed (default: 42)
           monitor:Annotated[str, dict(metavar='RULE', choices=['dice_mean', 'liver_dice', 'tumor_dice', 'last'])]=None, # the epoch kept: best validation liver_dice (default), dice_mean or tumor_dice, or last
-          min_epoch:Annotated[int, dict(metavar='E')]=None, # the fine stage's earliest epoch RULE may keep, counting from 0 (default: the first that one-cycle trains below half its peak learning rate)
+          min_epoch:Annotated[int, dict(metavar='E')]=None, # the fine stage's earliest epoch RULE may keep, counting from 0 (default: the first that one-cycle trains at or below half its peak learning rate)
           context:_N=None,         # 1: neighbouring slices as the three channels (2.5D, 8-bit slice data)
           cascade:Annotated[bool, dict(help="one stage on whole slices instead of coarse to fine")]=True, # coarse to fine: a coarse stage finds the liver, this model segments its box
           config:_File=None,       # YAML or JSON file with any of these options

@@ -306,11 +306,10 @@ def test_monitor_chooses_the_kept_epoch_in_both_stages(flow, tmp_path):
     from liver_seg.train import settled_epoch
     run('train', flow/'slices', '--out', tmp_path/'m', '--arch', 'simple_cnn', '--size', 32, '--epochs', 3, '--bs', 8,
             '--no-pretrained', '--valid-cases', 'volume-2', '--monitor', 'last', '--min-epoch', 1, '-q')
-    for stage in (tmp_path/'m', tmp_path/'m'/'coarse'):
-        rec = json.loads((stage/'config.json').read_text())['recipe']
-        n = len(pd.read_csv(stage/'history.csv'))
-        assert (rec['monitor'], rec['best_epoch']) == ('last', n - 1)
-    fine, coarse = (json.loads((d/'config.json').read_text())['recipe'] for d in (tmp_path/'m', tmp_path/'m'/'coarse'))
+    stages = (tmp_path/'m', tmp_path/'m'/'coarse')
+    fine, coarse = (json.loads((d/'config.json').read_text())['recipe'] for d in stages)
+    for stage, rec in zip(stages, (fine, coarse)):
+        assert (rec['monitor'], rec['best_epoch']) == ('last', len(pd.read_csv(stage/'history.csv')) - 1)
     assert fine['min_epoch'] == 1 and coarse['min_epoch'] == settled_epoch(coarse['epochs']) != 1  # the flag is the fine stage's, like --epochs
     r = run('train', flow/'slices', '--out', tmp_path/'bad', '--no-pretrained', '--monitor', 'valid_loss', ok=False)
     assert r.returncode == 2 and '--monitor' in r.stderr and 'liver_dice' in r.stderr and not (tmp_path/'bad').exists()
