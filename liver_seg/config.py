@@ -14,7 +14,8 @@ from .core import CODES
 from .windows import DEFAULT_WINDOWS
 
 # %% auto #0
-__all__ = ['CONFIG_SCHEMA', 'default_config', 'check_config', 'read_config', 'weights_file', 'cpu_flags', 'cpu_has_bf16']
+__all__ = ['CONFIG_SCHEMA', 'default_config', 'check_config', 'read_config', 'weights_file', 'cpu_flags', 'cpu_has_bf16',
+           'cpu_has_int8']
 
 # %% ../nbs/05a_config.ipynb #a3b31dbb
 def default_config(**kwargs):
@@ -103,3 +104,11 @@ def cpu_has_bf16() -> bool:
             if f is not None and f(): return True
         except Exception: pass
     return False
+
+# %% ../nbs/05a_config.ipynb #a679718f
+_INT8_FLAGS = {'avx512_vnni', 'avx_vnni', 'amx_int8'} # int8 dot products in one instruction
+
+def cpu_has_int8() -> bool:
+    "True if this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), where an int8 network pays"
+    flags = cpu_flags()
+    return bool(flags and flags & _INT8_FLAGS)

@@ -10,12 +10,13 @@ import contextlib, hashlib, importlib, io, json, os, sys, tempfile, warnings
 from pathlib import Path
 import numpy as np
 from .io import LiverSegError
-from .config import cpu_has_bf16, weights_file
+from .config import cpu_has_bf16, cpu_has_int8, weights_file
 
 # %% auto #0
-__all__ = ['OPSET', 'ENGINE_DIR', 'GRAPH_FORMAT', 'ENGINES', 'cpu_threads', 'export_onnx', 'write_atomic', 'graph_key',
-           'user_cache_dir', 'cache_dirs', 'find_graph', 'split_graph', 'cached_graph', 'folder_graph_key',
-           'TorchEngine', 'OnnxRuntimeEngine', 'OpenVINOEngine', 'auto_engines', 'load_engine', 'open_cached_engine']
+__all__ = ['OPSET', 'ENGINE_DIR', 'GRAPH_FORMAT', 'INT8_GRAPH', 'ENGINES', 'cpu_threads', 'export_onnx', 'write_atomic',
+           'graph_key', 'user_cache_dir', 'cache_dirs', 'graph_weights', 'find_graph', 'split_graph', 'cached_graph',
+           'folder_graph_key', 'TorchEngine', 'OnnxRuntimeEngine', 'OpenVINOEngine', 'auto_engines', 'load_engine',
+           'open_cached_engine']
 
 # %% ../nbs/09b_engine.ipynb #e0a1b2d2
 def cpu_threads() -> int:
@@ -105,15 +106,21 @@ def cache_dirs(folder) -> list: # where to look for and write a graph, first cho
     "The model folder's `.engine` subfolder, then the user's cache"
     return [Path(folder)/ENGINE_DIR, user_cache_dir()]
 
-def find_graph(name:str, # the graph's file name (`graph_key` + '.onnx')
+INT8_GRAPH = '.int8.xml' # `graph_key` + this: a model's int8 OpenVINO graph (`liver_seg.quantize`), its weights in `.int8.bin`
+
+def graph_weights(graph:Path) -> Path:
+    "The weights file beside a graph: `<name>.data` for an ONNX graph, `<stem>.bin` for an OpenVINO `.xml`"
+    return graph.with_suffix('.bin') if graph.suffix == '.xml' else graph.with_name(graph.name + '.data')
+
+def find_graph(name:str, # the graph's file name (`graph_key` + '.onnx', or + `INT8_GRAPH`)
                dirs:list, # folders to look in, first choice first (`cache_dirs`)
                bad=None # a cached file known not to load: skipped
               ) -> Path|None:
-    "The first readable graph `name` in `dirs` whose weights file (`name` + '.data') is there too, or None"
+    "The first readable graph `name` in `dirs` whose weights file (`graph_weights`) is there too, or None"
     bad = Path(bad) if bad is not None else None
     for d in map(Path, dirs):
-        f, data = d/name, d/(name + '.data')
-        if f != bad and all(p.is_file() and os.access(p, os.R_OK) for p in (f, data)): return f
+        f = d/name
+        if f != bad and all(p.is_file() and os.access(p, os.R_OK) for p in (f, graph_weights(f))): return f
     return None
 
 def split_graph(data:bytes, # a serialised ONNX model with its weights inside (`export_onnx`)
@@ -148,9 +155,9 @@ def cached_graph(model, # the torch network
             write_atomic(d/name, data[0])
         except OSError as e:
             errors.append(f"{d}: {e.strerror or e}"); continue
-        if d.name == ENGINE_DIR:  # a model folder's cache holds its current graph only
-            for old in [*d.glob('*.onnx'), *d.glob('*.onnx.data')]:
-                if not old.name.startswith(name):
+        if d.name == ENGINE_DIR:  # a model folder's cache holds its current graphs only (f32, and int8 if calibrated)
+            for old in [*d.glob('*.onnx'), *d.glob('*.onnx.data'), *d.glob('*' + INT8_GRAPH), *d.glob('*.int8.bin')]:
+                if not old.name.startswith(name[:-len('onnx')]):
                     with contextlib.suppress(OSError): old.unlink()
         return d/name, True
     raise OSError("cannot write the exported graph: " + '; '.join(errors))
@@ -222,15 +229,16 @@ class OnnxRuntimeEngine:
     def __repr__(self): return f"{self.name} {self.precision}"
 
 class OpenVINOEngine:
-    "An ONNX graph compiled by OpenVINO for the CPU, f32 or bf16"
+    "A graph compiled by OpenVINO for the CPU: an ONNX graph in f32 or bf16, or an int8 graph (`liver_seg.quantize`)"
     name = 'openvino'
-    def __init__(self, path, # the .onnx file
+    def __init__(self, path, # the .onnx file, or an int8 graph's .xml
                  threads:int, # inference threads
-                 bf16:bool=False): # bf16 inference precision (else f32, even where OpenVINO would pick bf16 itself)
+                 precision:str='f32'): # 'f32' (even where OpenVINO would pick bf16 itself), 'bf16', or 'int8' for an int8 graph (its other layers f32)
         import openvino as ov
-        self.precision, self.threads = ('bf16' if bf16 else 'f32'), threads
+        self.precision, self.threads = precision, threads
         core = ov.Core()
-        cfg = {'INFERENCE_PRECISION_HINT': self.precision, 'INFERENCE_NUM_THREADS': threads, 'PERFORMANCE_HINT': 'LATENCY'}
+        hint = 'bf16' if precision == 'bf16' else 'f32'
+        cfg = {'INFERENCE_PRECISION_HINT': hint, 'INFERENCE_NUM_THREADS': threads, 'PERFORMANCE_HINT': 'LATENCY'}
         self.compiled = core.compile_model(core.read_model(str(path)), 'CPU', cfg)
         self.request = self.compiled.create_infer_request()
     def __call__(self, x:np.ndarray) -> np.ndarray:
@@ -238,14 +246,16 @@ class OpenVINOEngine:
     def __repr__(self): return f"{self.name} {self.precision}"
 
 # %% ../nbs/09b_engine.ipynb #e0a1b312
-ENGINES = ('auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16') # what `engine=` accepts
-_PACKAGES = {'openvino': 'openvino', 'openvino-bf16': 'openvino', 'onnxruntime': 'onnxruntime'}
+ENGINES = ('auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16', 'openvino-int8') # what `engine=` accepts
+_PACKAGES = {'openvino': 'openvino', 'openvino-bf16': 'openvino', 'openvino-int8': 'openvino', 'onnxruntime': 'onnxruntime'}
 
-def auto_engines(bf16:bool # the predictor runs in bf16 (config precision bf16 on a CPU with native bf16)
+def auto_engines(bf16:bool, # the predictor runs in bf16 (config precision bf16 on a CPU with native bf16)
+                 int8:bool=False # the CPU has int8 instructions (`cpu_has_int8`): a calibrated int8 graph is tried first
                 ) -> list: # engine names to try, best first
     "What `engine='auto'` tries on this CPU, in order, by the measured forward rates"
     # a bf16 model: OpenVINO's bf16 (2-3x torch's bf16 autocast, labels as near fp32's); torch next, as ONNX Runtime has no CPU bf16
-    return ['openvino-bf16', 'torch'] if bf16 else ['openvino', 'onnxruntime', 'torch']
+    if bf16: return ['openvino-bf16', 'torch']
+    return ['openvino-int8'] * int8 + ['openvino', 'onnxruntime', 'torch']
 
 _WARNED = set()
 def _warn_once(msg):
@@ -258,30 +268,45 @@ def _installed(name) -> bool:
     except ImportError: return False
 
 # %% ../nbs/09b_engine.ipynb #e0a1b314
-def _engine_to_build(engine:str, device:str, amp:str|None, folder, warn:bool=True) -> str|None:
-    "The engine `load_engine` builds for these settings, or None for torch (with a warning saying why, where one is due)"
+def _engines_to_try(engine:str, device:str, amp:str|None, folder, warn:bool=True) -> list:
+    "The engine `load_engine` builds for these settings, after 'openvino-int8' where an int8 graph is looked for first; [] for torch (with a warning saying why, where one is due)"
     if engine not in ENGINES: raise LiverSegError('--engine', f"unknown engine {engine!r}: use {', '.join(ENGINES)}")
     on_cpu = str(device).split(':')[0] == 'cpu'
-    if engine == 'torch' or (engine == 'auto' and (not on_cpu or folder is None)): return None
+    if engine == 'torch' or (engine == 'auto' and (not on_cpu or folder is None)): return []
     if not on_cpu:
         if warn: _warn_once(f"engine {engine!r} runs on the CPU, the device is {device}: running torch")
-        return None
-    names = auto_engines(amp == 'bf16') if engine == 'auto' else [engine]
+        return []
+    names = (auto_engines(amp == 'bf16', cpu_has_int8()) if engine == 'auto' else
+             ['openvino-int8', 'openvino'] if engine == 'openvino-int8' else [engine])  # no int8 graph: OpenVINO f32
     names = [n for n in names if n == 'torch' or _installed(n)]
     if not names or names[0] == 'torch':
         if warn and engine != 'auto': _warn_once(f"{_PACKAGES[engine]} is not installed (pip install 'fastai-liver-seg[cpu-engine]'): running torch")
-        return None
-    return names[0]
+        return []
+    return names[:2] if names[0] == 'openvino-int8' else names[:1]
+
+def _why(e:Exception) -> str: return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
 
 def _compile(name:str, path, threads:int):
     "Engine `name` running the ONNX graph at `path`"
     if name == 'openvino-bf16' and not cpu_has_bf16(): _warn_once("openvino-bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); OpenVINO runs f32")
     if name == 'onnxruntime': return OnnxRuntimeEngine(path, threads)
-    return OpenVINOEngine(path, threads, name == 'openvino-bf16' and cpu_has_bf16())
+    return OpenVINOEngine(path, threads, 'bf16' if name == 'openvino-bf16' and cpu_has_bf16() else 'f32')
+
+def _int8_engine(key:str|None, folder, threads:int, warn:bool):
+    "OpenVINO running the int8 graph calibrated for the weights `key` names; None (with a warning if `warn`) when there is none or it does not load"
+    path = find_graph(key + INT8_GRAPH, cache_dirs(folder)) if folder is not None else None
+    try:
+        if path is None: raise FileNotFoundError(f"no int8 graph for these weights in {Path(folder or '.')/ENGINE_DIR} (`liver-seg quantize MODEL DATA` calibrates one)")
+        eng = OpenVINOEngine(path, threads, 'int8')
+    except Exception as e:
+        if warn: _warn_once(f"openvino-int8: {_why(e)}: running OpenVINO f32")
+        return None
+    eng.graph, eng.exported = path, False
+    return eng
 
 def load_engine(model, # the torch network, eval mode, on `device`
                 config:dict, # its `config.json` dict
-                engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16'
+                engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16' or 'openvino-int8'
                 device='cpu', # the predictor's device: 'cpu', 'cuda' or 'cuda:N'
                 amp:str|None=None, # the predictor's reduced precision: 'bf16', 'fp16' or None (fp32)
                 channels_last:bool=False, # torch engine: channels_last batches
@@ -289,9 +314,14 @@ def load_engine(model, # the torch network, eval mode, on `device`
                 threads:int|None=None): # engine threads (default `cpu_threads()`)
     "An engine for `model`: the one asked for, or torch (with a warning saying why) when it cannot run here"
     device = str(device)
-    name = _engine_to_build(engine, device, amp, folder)
-    if name is None: return TorchEngine(model, amp, channels_last, device)
+    names = _engines_to_try(engine, device, amp, folder)
+    if not names: return TorchEngine(model, amp, channels_last, device)
     threads = threads or cpu_threads()
+    if names[0] == 'openvino-int8':
+        eng = _int8_engine(graph_key(model.state_dict(), config), folder, threads, warn=engine != 'auto')
+        if eng is not None: return eng
+        names = names[1:]
+    name = names[0]
     with contextlib.ExitStack() as stack:
         dirs = cache_dirs(folder) if folder is not None else [stack.enter_context(tempfile.TemporaryDirectory(prefix='liver_seg_engine_'))]
         try:
@@ -302,8 +332,7 @@ def load_engine(model, # the torch network, eval mode, on `device`
                 path, fresh = cached_graph(model, config, dirs, bad=path)  # a damaged cached graph: export it again
                 eng = _compile(name, path, threads)
         except Exception as e:
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
-            if engine != 'auto': _warn_once(f"{name} could not run {config.get('arch')!r} ({type(e).__name__}: {why}): running torch")
+            if engine != 'auto': _warn_once(f"{name} could not run {config.get('arch')!r} ({_why(e)}): running torch")
             return TorchEngine(model, amp, channels_last, device)
     eng.graph, eng.exported = (path if folder is not None else None), fresh
     return eng
@@ -314,10 +343,16 @@ def open_cached_engine(state:dict|None, # a model folder's weights (`liver_seg.m
                        engine:str='auto', device='cpu', amp=None,
                        threads:int|None=None):
     "The engine `load_engine` would build, from a graph already cached for these weights; None if there is none or it does not load"
-    name = _engine_to_build(engine, str(device), amp, folder, warn=False)
-    path = find_graph(folder_graph_key(state, config, folder) + '.onnx', cache_dirs(folder)) if name is not None else None
+    names = _engines_to_try(engine, str(device), amp, folder, warn=False)
+    if not names: return None
+    key, threads = folder_graph_key(state, config, folder), threads or cpu_threads()
+    if names[0] == 'openvino-int8':
+        eng = _int8_engine(key, folder, threads, warn=engine != 'auto')
+        if eng is not None: return eng
+        names = names[1:]
+    path = find_graph(key + '.onnx', cache_dirs(folder))
     if path is None: return None
-    try: eng = _compile(name, path, threads or cpu_threads())
+    try: eng = _compile(names[0], path, threads)
     except Exception: return None  # a damaged graph: `load_engine` exports it again
     eng.graph, eng.exported = path, False
     return eng

@@ -97,7 +97,7 @@ def predict_volume(model, # model folder, `(model, config)` pair, or `Predictor`
                    postprocess:bool=True, # tumour where darker than the liver, keep the largest liver component, fill holes, drop tumour specks (False: the argmax)
                    progress:bool=True, # show a progress bar
                    probabilities:bool=False, # also return the softmax per class (before post-processing)
-                   engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
+                   engine:str='auto', # 'auto', 'torch' or another name in `liver_seg.engine.ENGINES`
                   ) -> np.ndarray: # uint8 labels (X, Y, Z) in the volume's own voxel order (and float32 X x Y x Z x n_out probabilities)
     "Segment a volume slice by slice in batches, at full resolution, in canonical orientation; labels in the volume's voxel order"
     pred = get_predictor(model, device, engine=engine)
@@ -141,7 +141,7 @@ def predict_slices(model, # model folder, `(model, config)` pair, or `Predictor`
                    encoding:str='012', # '012' or '127' (0/127/255)
                    force:bool=False, # replace an existing output folder
                    progress:bool=True,
-                   engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
+                   engine:str='auto', # 'auto', 'torch' or another name in `liver_seg.engine.ENGINES`
                   ) -> Path: # the output folder
     "Predict every slice image of a slice folder; one mask PNG per image, same names"
     from PIL import Image
@@ -220,7 +220,7 @@ def predict_path(model, # model folder, `(model, config)` pair, or `Predictor`
                  probabilities:bool=False, # volumes: also write the softmax per class beside each output (`_probabilities.nii.gz`)
                  extras=(), # volumes: (suffix, writer) pairs; `writer(labels, volume, path, force)` writes a file beside each output
                  writer=None, # one volume: `writer(labels, volume, path, force)` writes OUTPUT instead of a NIfTI (e.g. a DICOM SEG)
-                 engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
+                 engine:str='auto', # 'auto', 'torch' or another name in `liver_seg.engine.ENGINES`
                 ) -> Path: # the output written
     "Segment INPUT with a model and write OUTPUT in the input's geometry (volumes) or under its names (slices)"
     input, output = Path(input), Path(output)
@@ -335,7 +335,7 @@ def predict_volumes(model, # model folder (a path, for `workers` > 1), `(model, 
                     allow_pickle:bool=False,
                     probabilities:bool=False, # also the softmax per class beside each prediction
                     extras=(), # (suffix, writer) pairs of files beside each prediction (module-level writers, for workers)
-                    engine:str='auto', # 'auto', 'torch', 'openvino', 'onnxruntime' or 'openvino-bf16' (`liver_seg.engine`)
+                    engine:str='auto', # 'auto', 'torch' or another name in `liver_seg.engine.ENGINES`
                    ) -> Path: # `out_dir`
     "Segment every volume of `folder` (or share `part` of them) into `out_dir`, one `.nii.gz` per volume"
     import os, time

@@ -52,7 +52,7 @@ class Predictor:
     def __init__(self, model, # the torch network; or a model folder's weights, or None for `folder`'s (read and built only without a cached graph)
                  config:dict, # its `config.json` dict
                  device='auto', # 'auto', 'cpu', 'cuda' or 'cuda:N'
-                 engine:str='auto', # 'auto', 'torch', 'openvino' or 'onnxruntime' (`liver_seg.engine`)
+                 engine:str='auto', # 'auto', 'torch' or another name in `liver_seg.engine.ENGINES`
                  folder=None): # the model folder, where an engine caches its exported graph
         self.config, self.device = config, resolve_device(device)
         self.source = 'config.json'  # where the config came from, for error messages
@@ -105,7 +105,7 @@ def _progress(items, show:bool):
 
 def get_predictor(model, # a model folder path, a `(model, config)` pair, or a `Predictor` (returned as it is)
                   device='auto', allow_pickle:bool=False,
-                  engine:str='auto' # 'auto', 'torch', 'openvino' or 'onnxruntime'
+                  engine:str='auto' # 'auto', 'torch' or another name in `liver_seg.engine.ENGINES`
                  ) -> Predictor:
     "A `Predictor` from a model folder path, a `(model, config)` pair, or a `Predictor`"
     if isinstance(model, Predictor): return model
