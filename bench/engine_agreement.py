@@ -8,8 +8,10 @@ engine predicts the held-out slices (`--holdout`, default patients 6 and 7 of ..
 scores each case. Printed per engine: Dice per case, the largest |Dice - torch's| over cases and classes, the share of
 slice pixels whose label differs from torch's, and the predict time of the slices. "torch" is the model in its own
 precision (bf16 autocast for a bf16 model on a CPU with native bf16); "torch-fp32" is the same weights with
-`precision` fp32 (a copy of the folder), the yardstick for how much bf16 alone moves the labels. Work files stay
-outside the repository. Measured, never asserted.
+`precision` fp32 (a copy of the folder), the yardstick for how much bf16 alone moves the labels. "openvino-int8" runs
+the model's int8 graphs, which `liver-seg train` writes at its end and `liver-seg quantize MODEL TRAIN_DATA...` writes
+for an older model (calibrate on the training folders, never on the held-out cases). Work files stay outside the
+repository. Measured, never asserted.
 """
 import argparse, json, shutil, sys
 from pathlib import Path
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cpuflags import cpu_summary
 from accuracy_real import parser as accuracy_parser, prepare_work, score_model
 
-ENGINES = ('torch', 'torch-fp32', 'openvino', 'openvino-bf16', 'onnxruntime')
+ENGINES = ('torch', 'torch-fp32', 'openvino', 'openvino-bf16', 'openvino-int8', 'onnxruntime')
 
 
 def fp32_copy(model, work):

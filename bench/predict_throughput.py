@@ -170,8 +170,8 @@ def ceiling(size, n, seed_inner, rows, prec, dirs):
 def engine_forward(size=128, bs=16, rounds=5, reps=2, arch_kwargs=None, work=None):
     """Forward-pass rates (slices/s) of one network through every CPU path, in this process, rounds interleaved.
 
-    torch fp32 / fp32 channels_last / bf16 autocast + channels_last, ONNX Runtime (CPU EP) and OpenVINO with
-    INFERENCE_PRECISION_HINT f32 and bf16, all on the same random batch of `bs` slices at `size` px, threads = the
+    torch fp32 / fp32 channels_last / bf16 autocast + channels_last, ONNX Runtime (CPU EP), OpenVINO with
+    INFERENCE_PRECISION_HINT f32 and bf16, and OpenVINO running an int8 graph (`liver_seg.quantize`), all on the same random batch of `bs` slices at `size` px, threads = the
     cores this process may use. Each round times `reps` batches of every path in turn, so a burst of load on the
     shared machine hits all of them, in a new order each round; the median and the best round are printed."""
     import statistics, torch
@@ -209,6 +209,13 @@ def engine_forward(size=128, bs=16, rounds=5, reps=2, arch_kwargs=None, work=Non
             req = core.compile_model(str(onnx), 'CPU', {'INFERENCE_PRECISION_HINT': hint, 'INFERENCE_NUM_THREADS': threads,
                                                         'PERFORMANCE_HINT': 'LATENCY'}).create_infer_request()
             paths[f'OpenVINO {ov.__version__.split("-")[0]} {hint}'] = (lambda r: lambda: r.infer({0: xn})[0])(req)
+        try:  # int8: calibrated on the batch itself (speed needs no calibration; agreement on real CT: bench/engine_agreement.py)
+            from liver_seg.quantize import quantize_graph
+            q = quantize_graph(onnx, np.ascontiguousarray(np.concatenate([xn, xn[:, :, ::-1]])), work/'net.int8.xml')
+            req8 = core.compile_model(str(q), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32', 'INFERENCE_NUM_THREADS': threads,
+                                                      'PERFORMANCE_HINT': 'LATENCY'}).create_infer_request()
+            paths[f'OpenVINO {ov.__version__.split("-")[0]} int8 (NNCF)'] = lambda: req8.infer({0: xn})[0]
+        except ImportError: print("nncf not installed: no int8 row")
     except ImportError: print("openvino not installed: no rows")
     diffs = {}
     with torch.inference_mode():

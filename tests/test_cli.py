@@ -1,5 +1,6 @@
 "End-to-end runs of the `liver-seg` command line on synthetic phantoms: prepare -> train -> predict (NIfTI, DICOM, slices) -> evaluate"
 import math, subprocess, sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +56,17 @@ def test_model_folder_is_complete(flow):
     # the U-Net of the plan: the last block halved (RESULTS.md, session 10), or none (light, session 12)
     assert cfg['arch_kwargs'] == coarse['arch_kwargs'] == ({'bottle': True} if plan == 'standard' else {'last_cross': False})
     assert not any(p.name.startswith('.model') for p in flow.iterdir())  # the hidden coarse folder moved in
+    if find_spec('nncf') and find_spec('openvino'):  # the int8 extra: the run ends with an int8 graph per stage
+        assert [p.parent for p in sorted((flow/'model').rglob('*.int8.xml'))] == [flow/'model'/'.engine', flow/'model'/'coarse'/'.engine']
 
 
 def test_predict_needs_the_coarse_stage_and_engines_agree(flow, tmp_path):
-    "Without coarse/ a coarse-to-fine model is refused by name; torch and the default engine give the same labels"
+    "Without coarse/ a coarse-to-fine model is refused by name; torch and OpenVINO f32 give the same labels (int8: tests/test_quantize.py)"
     import shutil
     vol, _ = write_lits_case(tmp_path, case_id=8, seed=12, **PH)
     a, b = tmp_path/'a.nii.gz', tmp_path/'b.nii.gz'
     run('predict', flow/'model', vol, a, '--engine', 'torch', '-q')
-    run('predict', flow/'model', vol, b, '-q')
+    run('predict', flow/'model', vol, b, '--engine', 'openvino', '-q')
     assert np.array_equal(read_labels(a).array, read_labels(b).array)
     half = tmp_path/'half'; shutil.copytree(flow/'model', half); shutil.rmtree(half/'coarse')
     r = run('predict', half, vol, tmp_path/'c.nii.gz', ok=False)

@@ -1,0 +1,119 @@
+"Int8 graphs (liver_seg.quantize): `liver-seg quantize` and `train` make them, `predict` runs them, and a stale or damaged one is never used"
+import shutil, subprocess, sys, warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from liver_seg.config import cpu_has_int8
+from liver_seg.io import read_labels
+from liver_seg.synth import make_phantom_dataset
+
+pytest.importorskip('openvino', reason="openvino is not installed (the cpu-engine extra)")
+pytest.importorskip('nncf', reason="nncf is not installed (the int8 extra)")
+
+CLI = [sys.executable, '-c', 'import sys; from liver_seg.cli import main; sys.exit(main())']
+PH = dict(shape=(64, 64, 12), spacing=(2.0, 2.0, 5.0))
+# int8 labels may differ from f32's in this share of voxels at most (tiny network briefly trained: many voxels near a tie)
+VOXEL_TOL = 0.02
+
+
+def run(*args, ok=True):
+    r = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=900)
+    if ok: assert r.returncode == 0, f"liver-seg {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
+def int8_graphs(model) -> list: return sorted(Path(model).rglob('*.int8.xml'))
+
+
+@pytest.fixture(scope='module')
+def q(tmp_path_factory):
+    "Phantom slices and a small coarse-to-fine model trained without int8 graphs"
+    tmp = tmp_path_factory.mktemp('quantize')
+    make_phantom_dataset(tmp/'lits', n_cases=3, kind='lits', seed=3, **PH)
+    run('prepare', tmp/'lits', tmp/'slices', '--format', 'png', '-q')
+    run('train', tmp/'slices', '--out', tmp/'model', '--arch', 'simple_cnn', '--size', 64, '--epochs', 6, '--lr', 0.01, '--bs', 8,
+        '--no-pretrained', '--valid-cases', 'volume-2', '--no-quantize', '-q')  # six epochs: enough to find the phantom's liver
+    assert int8_graphs(tmp/'model') == []  # --no-quantize
+    return tmp
+
+
+def test_quantize_command_then_predict_int8(q, tmp_path):
+    "`liver-seg quantize` writes an int8 graph per stage; `predict --engine openvino-int8` runs them, close to f32's labels"
+    r = run('quantize', q/'model', q/'slices', '--slices', 64)
+    graphs = int8_graphs(q/'model')
+    assert [g.parent for g in graphs] == [q/'model'/'.engine', q/'model'/'coarse'/'.engine']
+    assert r.stdout.startswith('int8 graphs of 2 stages in ') and all(str(g) in r.stdout for g in graphs)
+    assert all(g.with_suffix('.bin').stat().st_size > 0 for g in graphs)
+    vol = q/'lits'/'volume-2.nii.gz'  # the validation case: never trained on
+    labels = {}
+    for e in ('openvino', 'openvino-int8', 'auto'):
+        r = run('predict', q/'model', vol, tmp_path/f'{e}.nii.gz', '--engine', e, '-q')
+        assert 'warning' not in r.stderr, r.stderr  # the int8 graphs are found: no fallback
+        labels[e] = read_labels(tmp_path/f'{e}.nii.gz').array
+    assert (labels['openvino'] > 0).sum() > 0
+    same = (labels['openvino-int8'] == labels['openvino']).mean()
+    assert 1 - same <= VOXEL_TOL, same
+    assert np.array_equal(labels['auto'], labels['openvino-int8' if cpu_has_int8() else 'openvino'])
+
+
+def test_quantize_refuses_bad_input_and_writes_nothing(q, tmp_path):
+    "Missing calibration data, or a folder that is no model: one line naming it, status 2, no graph written"
+    m = tmp_path/'m'; shutil.copytree(q/'model', m, ignore=shutil.ignore_patterns('.engine'))
+    r = run('quantize', m, tmp_path/'nothing', ok=False)
+    assert r.returncode == 2 and r.stderr.strip() == f"liver-seg quantize: {tmp_path/'nothing'}: no such file or folder"
+    (tmp_path/'empty').mkdir()
+    r = run('quantize', tmp_path/'empty', q/'slices', ok=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and str(tmp_path/'empty') in r.stderr
+    assert int8_graphs(m) == [] and int8_graphs(tmp_path/'empty') == []
+
+
+@pytest.fixture
+def quantized(q, tmp_path):
+    "A copy of the model with its int8 graphs"
+    m = tmp_path/'m'; shutil.copytree(q/'model', m, ignore=shutil.ignore_patterns('.engine'))
+    from liver_seg.quantize import quantize_model
+    quantize_model(m, q/'slices', n=32)
+    return m
+
+
+def engines(m, engine):
+    "repr of each stage's engine of model folder `m`, and the warnings that loading it gave"
+    from liver_seg.predictor import Predictor, coarse_stage
+    from liver_seg import engine as E
+    E._WARNED.clear()  # each warning comes once per process: these tests share one
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        p = Predictor.from_folder(m, 'cpu', engine=engine)
+        got = [repr(p.engine), repr(coarse_stage(p).engine)]
+    return got, [str(x.message) for x in w]
+
+
+def test_new_weights_never_meet_an_old_int8_graph(quantized):
+    "Weights written again (a retrain with --force) name other graphs: the old int8 graph is not used, and the next export removes it"
+    import torch
+    from liver_seg.model import read_weights, model_from_state, write_model_files
+    from liver_seg.config import read_config
+    old = int8_graphs(quantized)
+    cfg = read_config(quantized)
+    net = model_from_state(read_weights(quantized), cfg, quantized)
+    with torch.no_grad():
+        for p in net.parameters(): p.add_(0.01)
+    write_model_files(net, cfg, quantized)  # the fine stage's weights only
+    got, said = engines(quantized, 'openvino-int8')
+    assert got == ['openvino f32', 'openvino int8']  # the coarse stage's weights did not change
+    assert len(said) == 1 and 'no int8 graph for these weights' in said[0] and 'liver-seg quantize' in said[0]
+    assert not old[0].exists() and old[1].exists()  # the fine stage's new f32 export removed its stale int8 graph
+
+
+@pytest.mark.parametrize('part', ['graph', 'weights'])
+def test_damaged_int8_graph_falls_back_to_f32(quantized, part):
+    "A damaged int8 graph runs the f32 graph: with a warning when int8 was asked for, quietly for 'auto'"
+    g = int8_graphs(quantized)[0]
+    f = g if part == 'graph' else g.with_suffix('.bin')
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 3])
+    got, said = engines(quantized, 'openvino-int8')
+    assert got == ['openvino f32', 'openvino int8'] and len(said) == 1 and said[0].startswith('openvino-int8: '), said
+    got, said = engines(quantized, 'auto')
+    assert got[0] == 'openvino f32' and said == []
