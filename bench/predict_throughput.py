@@ -345,6 +345,10 @@ def compare_trained(a, work, model):
     for tag, post, engine in (("engine 'auto'", '1', 'auto'), ("engine 'auto', no post-processing", '0', 'auto'), ("engine='torch'", '1', 'torch')):
         w, rss, out = measured(child('ours_predict', str(model), str(nii), str(work/'pred_py.nii.gz'), post, engine))
         rows.append((f"ours: predict_path ({tag})", w, float(out.strip().splitlines()[-1]), rss))
+    int8 = any(Path(model).rglob('*.int8.xml'))  # int8 graphs (`liver-seg quantize`): the opt-in engine, last
+    if int8:
+        w, rss, _ = measured(['liver-seg', 'predict', model, nii, work/'pred_int8.nii.gz', '--force', '--engine', 'openvino-int8'])
+        rows.append(("ours: liver-seg predict --engine openvino-int8 (opt-in)", w, None, rss))
     lab = np.asarray(nib.load(str(work/'pred_cli.nii.gz')).dataobj)
     zs = np.flatnonzero(lab.reshape(-1, lab.shape[2]).any(0))
     print_rows(rows, n, 72)
@@ -352,6 +356,7 @@ def compare_trained(a, work, model):
     seed_w, seed_in = rows[0][1], rows[0][2]
     print(f"\nspeed-up over the seed, end to end (whole child process): liver-seg predict {seed_w/rows[1][1]:.1f}x, "
           f"predict_path {seed_w/rows[2][1]:.1f}x, without post-processing {seed_w/rows[3][1]:.1f}x, engine='torch' {seed_w/rows[4][1]:.1f}x  [{cpu_summary()}]")
+    if int8: print(f"int8 graphs (--engine openvino-int8): liver-seg predict {seed_w/rows[5][1]:.1f}x the seed, {rows[1][1]/rows[5][1]:.2f}x engine 'auto'")
     print(f"speed-up, timed region only (seed without imports/load_learner vs the predict_path call): {seed_in/rows[2][2]:.1f}x, "
           f"without post-processing {seed_in/rows[3][2]:.1f}x, engine='torch' {seed_in/rows[4][2]:.1f}x")
 

@@ -68,7 +68,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
           min_epoch:Annotated[int, dict(metavar='E')]=None, # the fine stage's earliest epoch RULE may keep, counting from 0 (default: the first that one-cycle trains at or below half its peak learning rate)
           context:_N=None,         # 1: neighbouring slices as the three channels (2.5D, 8-bit slice data)
           cascade:Annotated[bool, dict(help="one stage on whole slices instead of coarse to fine")]=True, # coarse to fine: a coarse stage finds the liver, this model segments its box
-          quantize:Annotated[bool, dict(help="no int8 graphs at the end (liver-seg quantize can make them later)")]=True, # end with int8 graphs calibrated on DATA, where OpenVINO and NNCF are installed
+          quantize:bool=False,     # end with int8 graphs calibrated on DATA, for predict --engine openvino-int8 (the int8 extra)
           config:_File=None,       # YAML or JSON file with any of these options
           resume:bool=False,       # continue the interrupted run of OUT (same options) from its last finished epoch
           force:bool=False,        # replace an existing model folder
@@ -80,7 +80,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
     kw = load_train_config(config) if config else {}
     given = dict(arch=arch, size=size, epochs=epochs, plan=plan, bs=bs, lr=lr, loss=loss, synth_lesions=synth_lesions, valid_cases=_csv(valid_cases),
                  pretrained=pretrained, weights=weights, precision=precision, seed=seed, monitor=monitor, min_epoch=min_epoch, context=context, cascade=cascade,
-                 quantize=quantize, resume=resume, force=force)
+                 quantize=quantize or None, resume=resume, force=force)  # None: the config file's, else train's
     kw.update({k:v for k,v in given.items() if v is not None})
     if config and pretrained: kw['pretrained'] = load_train_config(config).get('pretrained', True) # only --no-pretrained overrides the file
     if config and cascade: kw['cascade'] = load_train_config(config).get('cascade', True) # only --no-cascade overrides the file
@@ -107,7 +107,7 @@ def predict(model_dir:str,          # model folder written by `liver-seg train`
             preview:bool=False,     # volumes: also OUTPUT's name + .png, a montage through the liver with the labels outlined
             probabilities:bool=False, # volumes: also OUTPUT's name + _probabilities.nii.gz, the softmax per class (before post-processing)
             format:Annotated[str, dict(choices=['nifti', 'dicom-seg'])]='nifti', # dicom-seg: OUTPUT.dcm, a DICOM Segmentation of a DICOM series
-            engine:Annotated[str, dict(metavar='ENGINE', choices=['auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16', 'openvino-int8'])]='auto', # CPU inference engine: auto, torch, openvino, onnxruntime, openvino-bf16 or openvino-int8; auto = OpenVINO where the cpu-engine extra is installed (bf16 for a bf16 model on a CPU with bf16, int8 where the model has int8 graphs and the CPU int8 instructions, else f32), else torch
+            engine:Annotated[str, dict(metavar='ENGINE', choices=['auto', 'torch', 'openvino', 'onnxruntime', 'openvino-bf16', 'openvino-int8'])]='auto', # CPU inference engine: auto, torch, openvino, onnxruntime, openvino-bf16 or openvino-int8; auto = OpenVINO where the cpu-engine extra is installed (bf16 for a bf16 model on a CPU with bf16, else f32), else torch; openvino-int8 runs the graphs of liver-seg quantize
             force:bool=False,       # replace an existing output (never an input)
             Quiet:bool=False):      # no progress bars or per-volume lines: only the last line
     "Segment a CT volume or a slice folder with a trained model"

@@ -81,7 +81,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           force:bool=False, # replace an existing model folder
           resume:bool=False, # continue the interrupted run of `out` (same options) from its last finished epoch
           cbs:list|None=None, # extra fastai callbacks for this run
-          quantize:bool=True, # end with int8 graphs of the model calibrated on `data` (`liver_seg.quantize`), where OpenVINO and NNCF are installed
+          quantize:bool=False, # end with int8 graphs of the model calibrated on `data` (`liver_seg.quantize`; needs OpenVINO and NNCF), which `engine='openvino-int8'` runs
           progress:bool=True): # show fastai's progress bars and epoch table (False: quiet, history.csv only)
     "Train a liver/tumour segmentation model on slice folder(s) `data` and write the model folder `out`; return its path"
     o = SimpleNamespace(**locals()) # the options travel together through the steps below
@@ -96,6 +96,9 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
 # %% ../nbs/07_train.ipynb #d7f1d3f9
 def _check_options(o):
     "Refuse bad options and an existing output before any work; settle the process, device, precision and plan"
+    if o.quantize:
+        try: import openvino, nncf  # noqa: F401
+        except ImportError: raise LiverSegError('--quantize', "needs OpenVINO and NNCF: pip install 'fastai-liver-seg[int8]'") from None
     if o.monitor not in MONITORS: raise LiverSegError('--monitor', f"unknown checkpoint rule {o.monitor!r}: use one of {', '.join(MONITORS)}")
     if o.loss not in LOSSES: raise LiverSegError('--loss', f"unknown loss {o.loss!r}: use one of {', '.join(LOSSES)}")
     if o.plan != 'auto' and o.plan not in PLANS: raise LiverSegError('--plan', f"unknown plan {o.plan!r}: use auto, {', '.join(PLANS)}")
@@ -167,9 +170,7 @@ def _do_train(o):
     if o.world > 1: torch.distributed.barrier() # the other ranks return once the model folder is in place
 
 def _quantize(o):
-    "Int8 graphs of the finished model, calibrated on its training slices, where OpenVINO and NNCF are installed; a failure warns, the model stands"
-    try: import openvino, nncf  # noqa: F401
-    except ImportError: return
+    "Int8 graphs of the finished model, calibrated on its training slices; a failure warns, the model stands"
     from liver_seg.quantize import quantize_model
     t0 = time.time()
     try: graphs = quantize_model(o.out, o.data, seed=o.seed)
@@ -263,7 +264,7 @@ def _train_coarse(o):
     keep = ('arch', 'bs', 'lr', 'loss', 'valid_cases', 'valid_pct', 'pretrained', 'weights', 'precision', 'seed', 'context',
             'fit', 'wd', 'flip', 'monitor', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'plan', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
     if o.progress and o.rank == 0: print(f"coarse stage: whole slices at {o.coarse_size} px, {o.coarse_epochs} epochs", flush=True)
-    try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True, synth_lesions=0., quantize=False,  # it finds the liver, lesions and all; quantized with the fine stage
+    try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True, synth_lesions=0., quantize=False,  # it finds the liver, lesions and all; its int8 graph comes with the fine stage's
                **{k: getattr(o, k) for k in keep}, device=None if o.device is None else str(o.device))
     except LiverSegError as e:  # the hidden folder is ours: the user asked for OUT
         if Path(e.path) == dest or dest in Path(e.path).parents: raise LiverSegError(o.out, f"coarse stage: {e.problem}") from None
