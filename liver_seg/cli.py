@@ -159,8 +159,9 @@ def quantize(model_dir:str, # model folder written by `liver-seg train`
     _exists(model_dir, *data)
     import time
     from liver_seg.quantize import quantize_model, CALIBRATION_SLICES
-    t0 = time.time()
-    graphs = quantize_model(model_dir, data[0] if len(data) == 1 else data, slices or CALIBRATION_SLICES, seed)
+    t0, n = time.time(), slices or CALIBRATION_SLICES
+    if not Quiet: print(f"calibrating {model_dir}: {n} inputs per stage, recorded while predicting cases of {', '.join(data)}", flush=True)
+    graphs = quantize_model(model_dir, data[0] if len(data) == 1 else data, n, seed)
     print(f"int8 graphs of {len(graphs)} stage{'s' * (len(graphs) > 1)} in {time.time() - t0:.0f} s: " + ', '.join(map(str, graphs)))
     return graphs
 

@@ -290,15 +290,15 @@ def _compile(name:str, path, threads:int):
     if name == 'onnxruntime': return OnnxRuntimeEngine(path, threads)
     return OpenVINOEngine(path, threads, 'bf16' if name == 'openvino-bf16' and cpu_has_bf16() else 'f32')
 
-def _int8_engine(key:str|None, folder, threads:int, warn:bool):
-    "OpenVINO running the int8 graph calibrated for the weights `key` names; None (with a warning if `warn`) when there is none or it does not load"
+def _int8_engine(key:str, folder, threads:int):
+    "OpenVINO running the int8 graph calibrated for the weights `key` names; None, with a warning, when there is none or it does not load"
     path = find_graph(key + INT8_GRAPH, cache_dirs(folder)) if folder is not None else None
     try:
-        if path is None: raise FileNotFoundError(f"no int8 graph for these weights in {Path(folder or '.')/ENGINE_DIR} (`liver-seg quantize MODEL DATA` calibrates one)")
+        if path is None: raise FileNotFoundError("no int8 graph for these weights " + (f"in {Path(folder)/ENGINE_DIR} (`liver-seg quantize MODEL DATA` calibrates one)" if folder is not None else "(a network in memory has none)"))
         eng = OpenVINOEngine(path, threads, 'int8')
-        if warn and not cpu_has_int8(): _warn_once("openvino-int8: this CPU has no int8 dot-product instructions (VNNI or AMX-INT8); int8 may run slower than f32 here")
+        if not cpu_has_int8(): _warn_once("openvino-int8: this CPU has no int8 dot-product instructions (VNNI or AMX-INT8); int8 may run slower than f32 here")
     except Exception as e:
-        if warn: _warn_once(f"openvino-int8: {_why(e)}: running OpenVINO f32")
+        _warn_once(f"openvino-int8: {_why(e)}: running OpenVINO f32")
         return None
     eng.graph, eng.exported = path, False
     return eng
@@ -317,7 +317,7 @@ def load_engine(model, # the torch network, eval mode, on `device`
     if not names: return TorchEngine(model, amp, channels_last, device)
     threads = threads or cpu_threads()
     if names[0] == 'openvino-int8':
-        eng = _int8_engine(graph_key(model.state_dict(), config), folder, threads, warn=True)
+        eng = _int8_engine(graph_key(model.state_dict(), config), folder, threads)
         if eng is not None: return eng
         names = names[1:]
     name = names[0]
@@ -346,7 +346,7 @@ def open_cached_engine(state:dict|None, # a model folder's weights (`liver_seg.m
     if not names: return None
     key, threads = folder_graph_key(state, config, folder), threads or cpu_threads()
     if names[0] == 'openvino-int8':
-        eng = _int8_engine(key, folder, threads, warn=True)
+        eng = _int8_engine(key, folder, threads)
         if eng is not None: return eng
         names = names[1:]
     path = find_graph(key + '.onnx', cache_dirs(folder))

@@ -45,7 +45,8 @@ def test_quantize_command_then_predict_int8(q, tmp_path):
     r = run('quantize', m, q/'slices', '--slices', 64)
     graphs = int8_graphs(m)
     assert [g.parent for g in graphs] == [m/'.engine', m/'coarse'/'.engine']
-    assert r.stdout.startswith('int8 graphs of 2 stages in ') and all(str(g) in r.stdout for g in graphs)
+    first, last = r.stdout.splitlines()[0], r.stdout.splitlines()[-1]
+    assert first.startswith(f'calibrating {m}: 64 inputs per stage') and last.startswith('int8 graphs of 2 stages in ') and all(str(g) in last for g in graphs)
     assert all(g.with_suffix('.bin').stat().st_size > 0 for g in graphs)
     vol = q/'lits'/'volume-2.nii.gz'  # the validation case: never trained on
     labels = {}
@@ -118,3 +119,11 @@ def test_damaged_int8_graph_falls_back_to_f32(quantized, part):
     assert got == ['openvino f32', 'openvino int8'] and len(said) == 1 and said[0].startswith('openvino-int8: '), said
     got, said = engines(quantized, 'auto')
     assert got[0] == 'openvino f32' and said == []
+
+
+def test_int8_on_a_cpu_without_vnni_runs_and_says_so(quantized, monkeypatch):
+    "Where the CPU has no int8 instructions, int8 asked for by name still runs, with a warning that it may be slower than f32"
+    from liver_seg import engine as E
+    monkeypatch.setattr(E, 'cpu_has_int8', lambda: False)
+    got, said = engines(quantized, 'openvino-int8')
+    assert got == ['openvino int8'] * 2 and len(said) == 1 and 'no int8 dot-product instructions' in said[0], said
