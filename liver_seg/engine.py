@@ -266,21 +266,20 @@ def _installed(name) -> bool:
     except ImportError: return False
 
 # %% ../nbs/09b_engine.ipynb #e0a1b314
-def _engines_to_try(engine:str, device:str, amp:str|None, folder, warn:bool=True) -> list:
-    "The engine `load_engine` builds for these settings, after 'openvino-int8' where an int8 graph is looked for first; [] for torch (with a warning saying why, where one is due)"
+def _engine_to_build(engine:str, device:str, amp:str|None, folder, warn:bool=True) -> str|None:
+    "The engine `load_engine` builds for these settings, or None for torch (with a warning saying why, where one is due)"
     if engine not in ENGINES: raise LiverSegError('--engine', f"unknown engine {engine!r}: use {', '.join(ENGINES)}")
     on_cpu = str(device).split(':')[0] == 'cpu'
-    if engine == 'torch' or (engine == 'auto' and (not on_cpu or folder is None)): return []
+    if engine == 'torch' or (engine == 'auto' and (not on_cpu or folder is None)): return None
     if not on_cpu:
         if warn: _warn_once(f"engine {engine!r} runs on the CPU, the device is {device}: running torch")
-        return []
-    names = (auto_engines(amp == 'bf16') if engine == 'auto' else
-             ['openvino-int8', 'openvino'] if engine == 'openvino-int8' else [engine])  # no int8 graph: OpenVINO f32
+        return None
+    names = auto_engines(amp == 'bf16') if engine == 'auto' else [engine]
     names = [n for n in names if n == 'torch' or _installed(n)]
     if not names or names[0] == 'torch':
         if warn and engine != 'auto': _warn_once(f"{_PACKAGES[engine]} is not installed (pip install 'fastai-liver-seg[cpu-engine]'): running torch")
-        return []
-    return names[:2] if names[0] == 'openvino-int8' else names[:1]
+        return None
+    return names[0]
 
 def _why(e:Exception) -> str: return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
 
@@ -313,14 +312,13 @@ def load_engine(model, # the torch network, eval mode, on `device`
                 threads:int|None=None): # engine threads (default `cpu_threads()`)
     "An engine for `model`: the one asked for, or torch (with a warning saying why) when it cannot run here"
     device = str(device)
-    names = _engines_to_try(engine, device, amp, folder)
-    if not names: return TorchEngine(model, amp, channels_last, device)
+    name = _engine_to_build(engine, device, amp, folder)
+    if name is None: return TorchEngine(model, amp, channels_last, device)
     threads = threads or cpu_threads()
-    if names[0] == 'openvino-int8':
+    if name == 'openvino-int8':
         eng = _int8_engine(graph_key(model.state_dict(), config), folder, threads)
         if eng is not None: return eng
-        names = names[1:]
-    name = names[0]
+        name = 'openvino'  # no int8 graph: the f32 one
     with contextlib.ExitStack() as stack:
         dirs = cache_dirs(folder) if folder is not None else [stack.enter_context(tempfile.TemporaryDirectory(prefix='liver_seg_engine_'))]
         try:
@@ -342,16 +340,16 @@ def open_cached_engine(state:dict|None, # a model folder's weights (`liver_seg.m
                        engine:str='auto', device='cpu', amp=None,
                        threads:int|None=None):
     "The engine `load_engine` would build, from a graph already cached for these weights; None if there is none or it does not load"
-    names = _engines_to_try(engine, str(device), amp, folder, warn=False)
-    if not names: return None
+    name = _engine_to_build(engine, str(device), amp, folder, warn=False)
+    if name is None: return None
     key, threads = folder_graph_key(state, config, folder), threads or cpu_threads()
-    if names[0] == 'openvino-int8':
+    if name == 'openvino-int8':
         eng = _int8_engine(key, folder, threads)
         if eng is not None: return eng
-        names = names[1:]
+        name = 'openvino'  # no int8 graph: the f32 one
     path = find_graph(key + '.onnx', cache_dirs(folder))
     if path is None: return None
-    try: eng = _compile(names[0], path, threads)
+    try: eng = _compile(name, path, threads)
     except Exception: return None  # a damaged graph: `load_engine` exports it again
     eng.graph, eng.exported = path, False
     return eng
