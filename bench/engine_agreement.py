@@ -9,8 +9,8 @@ scores each case. Printed per engine: Dice per case, the largest |Dice - torch's
 slice pixels whose label differs from torch's, and the predict time of the slices. "torch" is the model in its own
 precision (bf16 autocast for a bf16 model on a CPU with native bf16); "torch-fp32" is the same weights with
 `precision` fp32 (a copy of the folder), the yardstick for how much bf16 alone moves the labels. "openvino-int8" runs
-the model's int8 graphs, which `liver-seg train` writes at its end and `liver-seg quantize MODEL TRAIN_DATA...` writes
-for an older model (calibrate on the training folders, never on the held-out cases). Work files stay outside the
+the model's int8 graphs, which `liver-seg train --quantize` writes at its end and `liver-seg quantize MODEL
+TRAIN_DATA...` writes afterwards (calibrate on the training folders, never on the held-out cases). Work files stay outside the
 repository. Measured, never asserted.
 """
 import argparse, json, shutil, sys
