@@ -6,18 +6,19 @@ Docs: https://liver-seg.github.io/liver_seg/quantize.html.md"""
 
 # %% ../nbs/09c_quantize.ipynb #a754e0a3
 from __future__ import annotations
-import contextlib, io, os, tempfile
+import contextlib, io, logging, os, tempfile
 from pathlib import Path
 import numpy as np
 from .io import LiverSegError
+from .evaluate import overlap_metrics
 from .engine import INT8_GRAPH, OpenVINOEngine, graph_weights
 from .predictor import Predictor, coarse_stage, slab_labels
 from .slices import find_slice_pairs
 from .predict import _slice_images
 
 # %% auto #0
-__all__ = ['CALIBRATION_SLICES', 'InputRecorder', 'model_stages', 'recording', 'calibration_inputs', 'quantize_graph',
-           'quantize_model']
+__all__ = ['CALIBRATION_SLICES', 'MAX_DROP', 'InputRecorder', 'model_stages', 'recording', 'calibration_inputs',
+           'label_agreement', 'quantize_graph', 'quantize_model']
 
 # %% ../nbs/09c_quantize.ipynb #9bfd1195
 class InputRecorder:
@@ -65,17 +66,53 @@ def calibration_inputs(pred:Predictor, # the model, with the f32 engine its int8
     if not all(r.n for r in recs): raise LiverSegError(folders[0], "no liver found in these slices: nothing for the fine stage to calibrate on")
     return [x[np.sort(rng.choice(len(x), min(n, len(x)), replace=False))] for x in (np.concatenate(r.batches) for r in recs)]
 
+# %% ../nbs/09c_quantize.ipynb #b9bb7803
+def label_agreement(labels:np.ndarray, # class labels, any shape
+                    reference:np.ndarray # the labels to agree with, same shape
+                   ) -> float:
+    "The lowest Dice, over the foreground classes in either, of `labels` against `reference` (1 where neither has one)"
+    classes = [c for c in np.union1d(np.unique(labels), np.unique(reference)) if c > 0]
+    return min((overlap_metrics(labels == c, reference == c)['dice'] for c in classes), default=1.)
+
 # %% ../nbs/09c_quantize.ipynb #859f2614
+MAX_DROP = 0.001 # the `label_agreement` with f32's labels that a fine stage's int8 graph may lose on its calibration inputs
+
+@contextlib.contextmanager
+def _quiet_log(log:logging.Logger):
+    "Only errors from `log` inside the block"
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try: yield
+    finally: log.setLevel(level)
+
+def _labels(compiled, batches:list) -> list:
+    "The class labels an OpenVINO compiled model gives each batch"
+    out = compiled.output(0)
+    return [compiled(x)[out].argmax(1).astype(np.uint8) for x in batches]
+
+def _agreement_with_f32(compiled, items) -> float:
+    "NNCF's validation function: `label_agreement` of `compiled`'s labels for (batch, f32 labels) items with the f32 labels"
+    items = list(items)
+    return label_agreement(np.concatenate(_labels(compiled, [x for x, _ in items])), np.concatenate([y for _, y in items]))
+
 def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
                    samples:np.ndarray, # float32 N x C x H x W calibration inputs (`calibration_inputs`)
-                   dest # the int8 graph to write (.xml; its weights go in the .bin beside it)
+                   dest, # the int8 graph to write (.xml; its weights go in the .bin beside it)
+                   max_drop:float|None=MAX_DROP # keep layers in f32 until the labels lose at most this agreement with f32's; None: every layer int8
                   ) -> Path:
     "An int8 OpenVINO graph of `graph`, calibrated with NNCF's post-training quantization on `samples`, written to `dest`"
     dest = Path(dest)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         import openvino as ov, nncf  # nncf says hello on import
-        data = nncf.Dataset([samples[i:i + 1] for i in range(len(samples))])
-        q = nncf.quantize(ov.Core().read_model(str(graph)), data, preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(samples))
+        with _quiet_log(nncf.nncf_logger):  # its log writes to the stdout it found on import, which no redirection reaches
+            model = ov.Core().read_model(str(graph))
+            calibration = nncf.Dataset([samples[i:i + 1] for i in range(len(samples))])
+            kw = dict(preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(samples))
+            if max_drop is None: q = nncf.quantize(model, calibration, **kw)
+            else:
+                batches = [samples[i:i + 16] for i in range(0, len(samples), 16)]
+                f32 = nncf.Dataset(list(zip(batches, _labels(ov.Core().compile_model(model, 'CPU'), batches))), lambda item: item[0])
+                q = nncf.quantize_with_accuracy_control(model, calibration, f32, _agreement_with_f32, max_drop=max_drop, **kw)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix='.int8-') as tmp:
         ov.save_model(q, str(Path(tmp)/'g.xml'), compress_to_fp16=False)
         os.replace(Path(tmp)/'g.bin', graph_weights(dest))
@@ -86,7 +123,8 @@ def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
 def quantize_model(folder, # a model folder (a coarse-to-fine model: both stages)
                    data, # slice folder(s) to calibrate on (`calibration_inputs`)
                    n:int=CALIBRATION_SLICES, # calibration inputs per stage
-                   seed:int=0
+                   seed:int=0,
+                   max_drop:float|None=MAX_DROP # the fine stage's accuracy control (`quantize_graph`); the coarse stage is all int8
                   ) -> list: # the int8 graphs written, fine stage first
     "Write an int8 graph beside each stage's f32 graph of the model folder `folder`, calibrated on slices of `data`"
     pred = Predictor.from_folder(folder, device='cpu', engine='openvino')
@@ -95,7 +133,7 @@ def quantize_model(folder, # a model folder (a coarse-to-fine model: both stages
         raise LiverSegError(folder, "cannot make int8 graphs: OpenVINO is not installed or cannot run this network (pip install 'fastai-liver-seg[int8]')")
     samples = calibration_inputs(pred, data, n, seed)
     out = []
-    for p, x in zip(stages, samples):
+    for i, (p, x) in enumerate(zip(stages, samples)):
         g = Path(p.engine.graph)
-        out.append(quantize_graph(g, x, g.with_name(g.name.removesuffix('.onnx') + INT8_GRAPH)))
+        out.append(quantize_graph(g, x, g.with_name(g.name.removesuffix('.onnx') + INT8_GRAPH), max_drop if i == 0 else None))
     return out

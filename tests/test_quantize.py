@@ -47,6 +47,7 @@ def test_quantize_command_then_predict_int8(q, tmp_path):
     assert [g.parent for g in graphs] == [m/'.engine', m/'coarse'/'.engine']
     first, last = r.stdout.splitlines()[0], r.stdout.splitlines()[-1]
     assert first.startswith(f'calibrating {m}: 64 inputs per stage') and last.startswith('int8 graphs of 2 stages in ') and all(str(g) in last for g in graphs)
+    assert "agree with f32's labels within 0.001" in first  # accuracy control is the default
     assert all(g.with_suffix('.bin').stat().st_size > 0 for g in graphs)
     vol = q/'lits'/'volume-2.nii.gz'  # the validation case: never trained on
     labels = {}
@@ -58,6 +59,22 @@ def test_quantize_command_then_predict_int8(q, tmp_path):
     same = (labels['openvino-int8'] == labels['openvino']).mean()
     assert 1 - same <= VOXEL_TOL, same
     assert np.array_equal(labels['auto'], labels['openvino'])  # int8 is opt-in: its tumour Dice moved by 0.0055 on real CT
+
+
+def fake_quantize_ops(graph) -> int:
+    import openvino as ov
+    return [op.get_type_name() for op in ov.Core().read_model(str(graph)).get_ops()].count('FakeQuantize')
+
+
+def test_quantize_plain_puts_every_layer_in_int8(q, tmp_path):
+    "`--plain` skips accuracy control: it says nothing of f32 layers, and its fine graph has more int8 inputs than the controlled one"
+    controlled = int8_graphs(q/'model')  # train --quantize: accuracy control
+    m = tmp_path/'m'; shutil.copytree(q/'model', m, ignore=shutil.ignore_patterns('.engine'))
+    r = run('quantize', m, q/'slices', '--slices', 64, '--plain')
+    assert 'f32' not in r.stdout.splitlines()[0], r.stdout
+    plain = int8_graphs(m)
+    assert fake_quantize_ops(plain[0]) > fake_quantize_ops(controlled[0])
+    assert fake_quantize_ops(plain[1]) == fake_quantize_ops(controlled[1])  # the coarse stage is all int8 either way
 
 
 def test_quantize_refuses_bad_input_and_writes_nothing(q, tmp_path):
