@@ -68,7 +68,7 @@ def train(data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders 
           min_epoch:Annotated[int, dict(metavar='E')]=None, # the fine stage's earliest epoch RULE may keep, counting from 0 (default: the first that one-cycle trains at or below half its peak learning rate)
           context:_N=None,         # 1: neighbouring slices as the three channels (2.5D, 8-bit slice data)
           cascade:Annotated[bool, dict(help="one stage on whole slices instead of coarse to fine")]=True, # coarse to fine: a coarse stage finds the liver, this model segments its box
-          quantize:bool=False,     # end with int8 graphs calibrated on DATA, for predict --engine openvino-int8 (the int8 extra)
+          quantize:bool=False,     # end with int8 graphs calibrated on DATA, for predict --engine openvino-int8 (the int8 extra; minutes more: liver-seg quantize)
           config:_File=None,       # YAML or JSON file with any of these options
           resume:bool=False,       # continue the interrupted run of OUT (same options) from its last finished epoch
           force:bool=False,        # replace an existing model folder

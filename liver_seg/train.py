@@ -81,7 +81,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           force:bool=False, # replace an existing model folder
           resume:bool=False, # continue the interrupted run of `out` (same options) from its last finished epoch
           cbs:list|None=None, # extra fastai callbacks for this run
-          quantize:bool=False, # end with int8 graphs of the model calibrated on `data` (`liver_seg.quantize`; needs OpenVINO and NNCF), which `engine='openvino-int8'` runs
+          quantize:bool=False, # end with int8 graphs of the model calibrated on `data` (`liver_seg.quantize_model`, minutes; needs OpenVINO and NNCF), which `engine='openvino-int8'` runs
           progress:bool=True): # show fastai's progress bars and epoch table (False: quiet, history.csv only)
     "Train a liver/tumour segmentation model on slice folder(s) `data` and write the model folder `out`; return its path"
     o = SimpleNamespace(**locals()) # the options travel together through the steps below
