@@ -85,6 +85,11 @@ def _quiet_log(log:logging.Logger):
     try: yield
     finally: log.setLevel(level)
 
+def _compile_f32(model):
+    "An OpenVINO graph (or its path) compiled for the CPU with f32 wherever it is not int8, as `OpenVINOEngine` runs it and NNCF validates it"
+    import openvino as ov
+    return ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+
 def _labels(compiled, batches:list) -> list:
     "The class labels an OpenVINO compiled model gives each batch"
     out = compiled.output(0)
@@ -111,7 +116,7 @@ def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
             if max_drop is None: q = nncf.quantize(model, calibration, **kw)
             else:
                 batches = [samples[i:i + 16] for i in range(0, len(samples), 16)]
-                f32 = nncf.Dataset(list(zip(batches, _labels(ov.Core().compile_model(model, 'CPU'), batches))), lambda item: item[0])
+                f32 = nncf.Dataset(list(zip(batches, _labels(_compile_f32(model), batches))), lambda item: item[0])
                 q = nncf.quantize_with_accuracy_control(model, calibration, f32, _agreement_with_f32, max_drop=max_drop, **kw)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix='.int8-') as tmp:
         ov.save_model(q, str(Path(tmp)/'g.xml'), compress_to_fp16=False)
