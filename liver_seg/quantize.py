@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from .io import LiverSegError
 from .evaluate import overlap_metrics
-from .engine import INT8_GRAPH, OpenVINOEngine, graph_weights
+from .engine import INT8_GRAPH, OpenVINOEngine, graph_weights, cpu_threads
 from .predictor import Predictor, coarse_stage, slab_labels
 from .slices import find_slice_pairs
 from .predict import _slice_images
@@ -85,11 +85,6 @@ def _quiet_log(log:logging.Logger):
     try: yield
     finally: log.setLevel(level)
 
-def _compile_f32(model):
-    "An OpenVINO graph (or its path) compiled for the CPU with f32 wherever it is not int8, as `OpenVINOEngine` runs it and NNCF validates it"
-    import openvino as ov
-    return ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
-
 def _labels(compiled, batches:list) -> list:
     "The class labels an OpenVINO compiled model gives each batch"
     out = compiled.output(0)
@@ -116,7 +111,8 @@ def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
             if max_drop is None: q = nncf.quantize(model, calibration, **kw)
             else:
                 batches = [samples[i:i + 16] for i in range(0, len(samples), 16)]
-                f32 = nncf.Dataset(list(zip(batches, _labels(_compile_f32(model), batches))), lambda item: item[0])
+                reference = OpenVINOEngine(graph, cpu_threads(), 'f32')  # f32 even on a CPU with bf16, as NNCF validates
+                f32 = nncf.Dataset([(x, reference(x).argmax(1).astype(np.uint8)) for x in batches], lambda item: item[0])
                 q = nncf.quantize_with_accuracy_control(model, calibration, f32, _agreement_with_f32, max_drop=max_drop, **kw)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix='.int8-') as tmp:
         ov.save_model(q, str(Path(tmp)/'g.xml'), compress_to_fp16=False)
