@@ -251,7 +251,7 @@ _PACKAGES = {'openvino': 'openvino', 'openvino-bf16': 'openvino', 'openvino-int8
 
 def auto_engines(bf16:bool # the predictor runs in bf16 (config precision bf16 on a CPU with native bf16)
                 ) -> list: # engine names to try, best first
-    "What `engine='auto'` tries on this CPU, in order, by the measured forward rates (never int8: its tumour Dice moved by 0.0055, `liver_seg.quantize`)"
+    "What `engine='auto'` tries on this CPU, in order, by the measured forward rates (never int8: opt-in, `liver_seg.quantize`)"
     # a bf16 model: OpenVINO's bf16 (2-3x torch's bf16 autocast, labels as near fp32's); torch next, as ONNX Runtime has no CPU bf16
     return ['openvino-bf16', 'torch'] if bf16 else ['openvino', 'onnxruntime', 'torch']
 
