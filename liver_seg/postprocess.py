@@ -50,7 +50,7 @@ def _face_pairs(prev, first, structure):
 
 def _sizes(lab, n:int) -> np.ndarray:
     "Voxels of each of the `n` labels of `lab`: one `count_nonzero` when there is one, as in most predictions"
-    return np.array([np.count_nonzero(lab)] if n == 1 else np.bincount(lab.ravel(), minlength=n + 1)[1:n + 1], np.int64)
+    return np.array([np.count_nonzero(lab)] if n == 1 else ndi.histogram(lab, 1, n, n), np.int64)
 
 def select_components(mask, # boolean volume (X, Y, Z)
                       keep, # keep(sizes, border) -> boolean array: which components to keep
@@ -147,7 +147,8 @@ def postprocess(labels, # uint8 label volume (X, Y, Z): 0 background, 1 liver, 2
         fg |= tumor
     vox = 1. if spacing is None else float(np.prod(spacing))
     thr = min_tumor_voxels if min_tumor_voxels is not None else math.ceil(min_tumor_mm3 / vox - 1e-9)
-    if thr > 1 and tumor.any(): tumor = select_components(tumor, lambda sizes, border: sizes >= thr, s26, slab_voxels)
+    tbox = mask_bbox(tumor)  # the tumour's own box: a smaller volume to label than the liver's
+    if thr > 1 and tbox is not None: tumor[tbox] = select_components(tumor[tbox], lambda sizes, border: sizes >= thr, s26, slab_voxels)
     out[...] = 0
     res = out[box]  # a view: written in place
     res[...] = fg
@@ -157,10 +158,11 @@ def postprocess(labels, # uint8 label volume (X, Y, Z): 0 background, 1 liver, 2
 # %% ../nbs/08_postprocess.ipynb #db632c70
 TUMOR_CONTRAST = 5. # gray levels a tumour's median lies below its slice's liver median (`tumor_by_contrast`)
 
-def _components(mask):
-    "(slices of its box, bool mask within the box) of each connected component of a 2D mask"
-    lab, _ = ndi.label(mask)
-    return [(box, lab[box] == i) for i, box in enumerate(ndi.find_objects(lab), 1)]  # each within its box: a tenth of `ndi.median`'s time
+def _components(mask, holes:bool=False):
+    "(slices of its box, bool mask within the box) of each connected component of a 2D mask; `holes`: of its background's, where they reach no side"
+    lab, _ = ndi.label(~mask if holes else mask)
+    sides = set(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]).tolist()) if holes else set()
+    return [(box, lab[box] == i) for i, box in enumerate(ndi.find_objects(lab), 1) if i not in sides]  # each within its box: a tenth of `ndi.median`'s time
 
 def tumor_by_contrast(labels:np.ndarray, # uint8 N x H x W labels of N slices: 0 background, 1 liver, 2 tumour
                       gray:np.ndarray, # N x H x W gray levels of the same slices (what the network read)
@@ -177,6 +179,6 @@ def tumor_by_contrast(labels:np.ndarray, # uint8 N x H x W labels of N slices: 0
         ceiling, g, o = np.median(gray[k][liver]) - min_contrast, gray[k], out[k]
         for box, part in _components(labels[k] == 2):
             if np.median(g[box][part]) > ceiling: o[box][part] = 1
-        for box, part in _components(ndi.binary_fill_holes(fg) & ~fg):
+        for box, part in _components(fg, holes=True):
             if np.median(g[box][part]) <= ceiling: o[box][part] = 2
     return out
