@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/quantize.html.md"""
 
 # %% ../nbs/09c_quantize.ipynb #a754e0a3
 from __future__ import annotations
-import contextlib, io, logging, os, tempfile
+import contextlib, io, logging, os, tempfile, warnings
 from pathlib import Path
 import numpy as np
 from .io import LiverSegError
@@ -17,28 +17,39 @@ from .slices import find_slice_pairs
 from .predict import _slice_images
 
 # %% auto #0
-__all__ = ['CALIBRATION_SLICES', 'MAX_DROP', 'InputRecorder', 'model_stages', 'recording', 'calibration_inputs',
-           'label_agreement', 'quantize_graph', 'quantize_model']
+__all__ = ['CALIBRATION_SLICES', 'CALIBRATION_CASES', 'MAX_DROP', 'MAX_REVERTS', 'RANKING_INPUTS', 'InputRecorder',
+           'model_stages', 'recording', 'calibration_inputs', 'label_agreement', 'quantize_graph', 'quantize_model']
 
 # %% ../nbs/09c_quantize.ipynb #9bfd1195
 class InputRecorder:
-    "An engine that keeps a copy of every batch it is given, then runs the engine it wraps"
-    def __init__(self, engine): self.engine, self.batches = engine, []
+    "An engine that keeps the batches it is given, or a uniform sample of `keep` of their inputs, then runs the engine it wraps"
+    def __init__(self, engine, # the engine to run
+                 keep:int|None=None, # None: every batch; else a sample of this many inputs (reservoir sampling: memory for `keep` only)
+                 seed:int=0): # the sample's random draw
+        self.engine, self.keep, self.rng, self.batches, self.sample, self.n = engine, keep, np.random.default_rng(seed), [], [], 0
     def __call__(self, x:np.ndarray) -> np.ndarray:
-        self.batches.append(np.array(x, np.float32))
+        x = np.array(x, np.float32)
+        if self.keep is None: self.batches.append(x)
+        else: self._draw(x)
+        self.n += len(x)
         return self.engine(x)
-    @property
-    def n(self) -> int: return sum(map(len, self.batches)) # slices recorded
+    def _draw(self, x):
+        "Reservoir sampling: the t-th input seen (from 0) takes a random place of the sample with probability keep / (t + 1)"
+        for t, xi in enumerate(x, self.n):
+            if t < self.keep: self.sample.append(xi.copy())
+            elif (j := self.rng.integers(t + 1)) < self.keep: self.sample[j] = xi.copy()
+    def inputs(self) -> np.ndarray: return np.stack(self.sample) if self.keep is not None else np.concatenate(self.batches) # what was kept
 
 def model_stages(pred:Predictor) -> list:
     "The predictors of a model: the fine stage (or the only one), then its coarse stage if it has one"
     return [pred] + ([coarse_stage(pred)] if pred.config.get('cascade') else [])
 
 @contextlib.contextmanager
-def recording(stages:list # predictors (`model_stages`)
-             ):
+def recording(stages:list, # predictors (`model_stages`)
+              keep:int|None=None, # each recorder's sample size (`InputRecorder`); None: every batch
+              seed:int=0):
     "Each predictor of `stages` runs through an `InputRecorder` inside the block, which yields them"
-    recs = [InputRecorder(p.engine) for p in stages]
+    recs = [InputRecorder(p.engine, keep, seed + i) for i, p in enumerate(stages)]
     for p, r in zip(stages, recs): p.engine = r
     try: yield recs
     finally:
@@ -46,25 +57,25 @@ def recording(stages:list # predictors (`model_stages`)
 
 # %% ../nbs/09c_quantize.ipynb #f85354c7
 CALIBRATION_SLICES = 300 # calibration inputs per stage: NNCF's default subset size
+CALIBRATION_CASES = 50 # cases predicted at most to draw them from (in a seeded order): every case of most training sets
 
 def calibration_inputs(pred:Predictor, # the model, with the f32 engine its int8 graphs are made from
                        data, # slice folder(s) (images/ + masks/, or images alone): the training data, or slices like those it will predict
                        n:int=CALIBRATION_SLICES, # inputs per stage
-                       seed:int=0 # the order of the cases and the choice of inputs
+                       seed:int=0, # the order of the cases and the choice of inputs
+                       max_cases:int=CALIBRATION_CASES # cases predicted at most
                       ) -> list: # float32 n x C x size x size per stage, in `model_stages` order
-    "What each stage of `pred` reads while predicting whole cases of `data`, `n` inputs per stage chosen at random"
+    "What each stage of `pred` reads while predicting whole cases of `data`, `n` inputs per stage drawn uniformly from all of them"
     folders = [data] if isinstance(data, (str, Path)) else list(data)
     cases = [rows for f in folders for _, rows in find_slice_pairs(f, masks=False).groupby('case', sort=False)]
-    rng = np.random.default_rng(seed)
-    with recording(model_stages(pred)) as recs:
-        for i in rng.permutation(len(cases)):
-            if min(r.n for r in recs) >= n: break
+    with recording(model_stages(pred), n, seed) as recs:
+        for i in np.random.default_rng(seed).permutation(len(cases))[:max_cases]:
             imgs = _slice_images(pred, cases[i])
             if len({a.shape for a in imgs}) > 1: continue  # not one stack: no box to crop
             stack = np.stack(imgs)
             for _ in slab_labels(pred, lambda ks: stack[ks], len(stack)): pass
     if not all(r.n for r in recs): raise LiverSegError(folders[0], "no liver found in these slices: nothing for the fine stage to calibrate on")
-    return [x[np.sort(rng.choice(len(x), min(n, len(x)), replace=False))] for x in (np.concatenate(r.batches) for r in recs)]
+    return [r.inputs() for r in recs]
 
 # %% ../nbs/09c_quantize.ipynb #b9bb7803
 def label_agreement(labels:np.ndarray, # class labels, any shape
@@ -76,6 +87,8 @@ def label_agreement(labels:np.ndarray, # class labels, any shape
 
 # %% ../nbs/09c_quantize.ipynb #859f2614
 MAX_DROP = 0.001 # the `label_agreement` with f32's labels that a fine stage's int8 graph may lose on its calibration inputs
+MAX_REVERTS = 24 # steps of accuracy control at most (each puts a layer, or the few that share a quantizer, back in f32): a bound on its time
+RANKING_INPUTS = 96 # calibration inputs the layers are ranked on: those whose labels int8 changes most (NNCF's default: all of them)
 
 @contextlib.contextmanager
 def _quiet_log(log:logging.Logger):
@@ -98,22 +111,31 @@ def _agreement_with_f32(compiled, items) -> float:
 def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
                    samples:np.ndarray, # float32 N x C x H x W calibration inputs (`calibration_inputs`)
                    dest, # the int8 graph to write (.xml; its weights go in the .bin beside it)
-                   max_drop:float|None=MAX_DROP # keep layers in f32 until the labels lose at most this agreement with f32's; None: every layer int8
+                   max_drop:float|None=MAX_DROP, # keep layers in f32 until the labels lose at most this agreement with f32's; None: every layer int8
+                   max_reverts:int=MAX_REVERTS # accuracy control's steps at most (>= 1); short of `max_drop` then, a warning says so
                   ) -> Path:
     "An int8 OpenVINO graph of `graph`, calibrated with NNCF's post-training quantization on `samples`, written to `dest`"
     dest = Path(dest)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         import openvino as ov, nncf  # nncf says hello on import
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
         with _quiet_log(nncf.nncf_logger):  # its log writes to the stdout it found on import, which no redirection reaches
             model = ov.Core().read_model(str(graph))
             calibration = nncf.Dataset([samples[i:i + 1] for i in range(len(samples))])
             kw = dict(preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(samples))
             if max_drop is None: q = nncf.quantize(model, calibration, **kw)
             else:
-                batches = [samples[i:i + 16] for i in range(0, len(samples), 16)]
+                bs = 16  # NNCF's validation items are batches, as prediction runs them
+                batches = [samples[i:i + bs] for i in range(0, len(samples), bs)]
                 reference = OpenVINOEngine(graph, cpu_threads(), 'f32')  # f32 even on a CPU with bf16, as NNCF validates
                 f32 = nncf.Dataset([(x, reference(x).argmax(1).astype(np.uint8)) for x in batches], lambda item: item[0])
-                q = nncf.quantize_with_accuracy_control(model, calibration, f32, _agreement_with_f32, max_drop=max_drop, **kw)
+                steps = AdvancedAccuracyRestorerParameters(max_num_iterations=max_reverts, ranking_subset_size=max(1, RANKING_INPUTS // bs))
+                q = nncf.quantize_with_accuracy_control(model, calibration, f32, _agreement_with_f32, max_drop=max_drop, **kw,
+                                                        advanced_accuracy_restorer_parameters=steps)
+                reached = _agreement_with_f32(ov.Core().compile_model(q, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'}), f32.get_data())
+    if max_drop is not None and reached < 1 - max_drop:
+        warnings.warn(f"{dest}: its labels agree with f32's at {reached:.4f} on the calibration inputs, short of {1 - max_drop:.4f} "
+                      f"after at most {max_reverts} steps of putting layers back in f32; predictions with it may differ more")
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix='.int8-') as tmp:
         ov.save_model(q, str(Path(tmp)/'g.xml'), compress_to_fp16=False)
         os.replace(Path(tmp)/'g.bin', graph_weights(dest))
