@@ -152,19 +152,19 @@ def evaluate(pred:str,       # predicted NIfTI, folder of NIfTI, or mask folder
 
 def quantize(model_dir:str, # model folder written by `liver-seg train`
              data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders to calibrate on: the training data, or slices like those it will predict
-             slices:_N=None, # calibration inputs per stage (default: 300, NNCF's)
-             seed:_N=0,      # the cases' order and the inputs chosen
-             plain:bool=False, # every layer int8, no accuracy control: seconds instead of minutes and faster graphs, but a held-out tumour Dice moved by 0.0055
+             slices:_N=None, # calibration inputs (default: 300, NNCF's)
+             seed:_N=0,      # the inputs drawn
+             plain:bool=False, # every layer int8, no accuracy control: seconds instead of minutes and a faster graph, but a held-out tumour Dice moved by 0.0055
              Quiet:bool=False): # only the last line
-    "Calibrate int8 graphs of a model for CPUs with int8 instructions"
+    "Calibrate an int8 graph of a model's fine stage for CPUs with int8 instructions"
     _exists(model_dir, *data)
     import time
-    from liver_seg.quantize import quantize_model, CALIBRATION_SLICES, MAX_DROP
+    from liver_seg.quantize import quantize_model, CALIBRATION_SLICES, MAX_DROP, MAX_REVERTS
     t0, n = time.time(), slices or CALIBRATION_SLICES
-    control = '' if plain else f"; the fine stage keeps in f32 the layers it needs to agree with f32's labels within {MAX_DROP} (minutes)"
-    if not Quiet: print(f"calibrating {model_dir}: {n} inputs per stage, recorded while predicting cases of {', '.join(data)}{control}", flush=True)
+    control = '' if plain else f"; the graph keeps in f32 the layers it needs to agree with f32's labels within {MAX_DROP} (minutes: {MAX_REVERTS} steps at most)"
+    if not Quiet: print(f"calibrating {model_dir}: {n} inputs of its fine stage, drawn while predicting every case of {', '.join(data)}{control}", flush=True)
     graphs = quantize_model(model_dir, data[0] if len(data) == 1 else data, n, seed, max_drop=None if plain else MAX_DROP)
-    print(f"int8 graphs of {len(graphs)} stage{'s' * (len(graphs) > 1)} in {time.time() - t0:.0f} s: " + ', '.join(map(str, graphs)))
+    print(f"int8 graph in {time.time() - t0:.0f} s: " + ', '.join(map(str, graphs)))
     return graphs
 
 # %% ../nbs/13_cli.ipynb #fdbcda7c

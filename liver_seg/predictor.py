@@ -199,13 +199,15 @@ def labels(self:Predictor,
 
 # %% ../nbs/09_predictor.ipynb #9f26a8bb
 def coarse_stage(pred:Predictor) -> Predictor|None:
-    "The coarse stage of a coarse-to-fine model (its `coarse/` folder, loaded once), or None for a one-stage model"
+    "The coarse stage of a coarse-to-fine model (its `coarse/` folder, loaded once; f32 where the fine stage runs int8), or None for a one-stage model"
     if not pred.config.get('cascade'): return None
     if getattr(pred, 'coarse', None) is None:
         folder = Path(pred.source).parent/pred.config['cascade'].get('coarse', 'coarse')
         if not (folder/'config.json').is_file():
             raise LiverSegError(folder, "a coarse-to-fine model needs its coarse stage here (config.json and weights); the model folder is incomplete")
-        pred.coarse = Predictor.from_folder(folder, device=pred.device, engine=getattr(pred, 'engine_name', 'auto'))
+        engine = getattr(pred, 'engine_name', 'auto')
+        engine = 'openvino' if engine == 'openvino-int8' else engine  # its box decides every crop: int8 moved it (09c_quantize, On real CT)
+        pred.coarse = Predictor.from_folder(folder, device=pred.device, engine=engine)
     return pred.coarse
 
 def liver_region(pred:Predictor, # a coarse-to-fine model (with `coarse_stage`)

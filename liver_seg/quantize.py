@@ -143,20 +143,15 @@ def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
     return dest
 
 # %% ../nbs/09c_quantize.ipynb #f54a7b58
-def quantize_model(folder, # a model folder (a coarse-to-fine model: both stages)
+def quantize_model(folder, # a model folder (of a coarse-to-fine model: its fine stage)
                    data, # slice folder(s) to calibrate on (`calibration_inputs`)
-                   n:int=CALIBRATION_SLICES, # calibration inputs per stage
+                   n:int=CALIBRATION_SLICES, # calibration inputs
                    seed:int=0,
-                   max_drop:float|None=MAX_DROP # the fine stage's accuracy control (`quantize_graph`); the coarse stage is all int8
-                  ) -> list: # the int8 graphs written, fine stage first
-    "Write an int8 graph beside each stage's f32 graph of the model folder `folder`, calibrated on slices of `data`"
+                   max_drop:float|None=MAX_DROP # accuracy control (`quantize_graph`); None: every layer int8
+                  ) -> list: # the int8 graph written: the fine stage's (the coarse stage runs f32)
+    "Write an int8 graph beside the fine stage's f32 graph of the model folder `folder`, calibrated on slices of `data`"
     pred = Predictor.from_folder(folder, device='cpu', engine='openvino')
-    stages = model_stages(pred)
-    if not all(isinstance(p.engine, OpenVINOEngine) for p in stages):
+    if not all(isinstance(p.engine, OpenVINOEngine) for p in model_stages(pred)):
         raise LiverSegError(folder, "cannot make int8 graphs: OpenVINO is not installed or cannot run this network (pip install 'fastai-liver-seg[int8]')")
-    samples = calibration_inputs(pred, data, n, seed)
-    out = []
-    for i, (p, x) in enumerate(zip(stages, samples)):
-        g = Path(p.engine.graph)
-        out.append(quantize_graph(g, x, g.with_name(g.name.removesuffix('.onnx') + INT8_GRAPH), max_drop if i == 0 else None))
-    return out
+    g = Path(pred.engine.graph)
+    return [quantize_graph(g, calibration_inputs(pred, data, n, seed)[0], g.with_name(g.name.removesuffix('.onnx') + INT8_GRAPH), max_drop)]

@@ -81,7 +81,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           force:bool=False, # replace an existing model folder
           resume:bool=False, # continue the interrupted run of `out` (same options) from its last finished epoch
           cbs:list|None=None, # extra fastai callbacks for this run
-          quantize:bool=False, # end with int8 graphs of the model calibrated on `data` (`liver_seg.quantize_model`, minutes; needs OpenVINO and NNCF), which `engine='openvino-int8'` runs
+          quantize:bool=False, # end with an int8 graph of the fine stage calibrated on `data` (`liver_seg.quantize_model`, minutes; needs OpenVINO and NNCF), which `engine='openvino-int8'` runs
           progress:bool=True): # show fastai's progress bars and epoch table (False: quiet, history.csv only)
     "Train a liver/tumour segmentation model on slice folder(s) `data` and write the model folder `out`; return its path"
     o = SimpleNamespace(**locals()) # the options travel together through the steps below
@@ -177,7 +177,7 @@ def _quantize(o):
     except Exception as e:
         warnings.warn(f"{o.out}: no int8 graphs ({type(e).__name__}: {str(e).strip()[:200]}); `liver-seg quantize` can make them later")
         return
-    if o.progress: print(f"int8 graphs of {len(graphs)} stage{'s' * (len(graphs) > 1)}, calibrated on the training slices in {time.time() - t0:.0f} s", flush=True)
+    if o.progress: print(f"int8 graph of the fine stage, calibrated on the training slices in {time.time() - t0:.0f} s", flush=True)
 
 def _run_learner(o, dls, enc, cfg, run, ckpt):
     "The learner of the run with its callbacks: history, checkpoints, precision, and, on a resume, the saved state"
@@ -264,7 +264,7 @@ def _train_coarse(o):
     keep = ('arch', 'bs', 'lr', 'loss', 'valid_cases', 'valid_pct', 'pretrained', 'weights', 'precision', 'seed', 'context',
             'fit', 'wd', 'flip', 'monitor', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'plan', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
     if o.progress and o.rank == 0: print(f"coarse stage: whole slices at {o.coarse_size} px, {o.coarse_epochs} epochs", flush=True)
-    try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True, synth_lesions=0., quantize=False,  # it finds the liver, lesions and all; its int8 graph comes with the fine stage's
+    try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True, synth_lesions=0., quantize=False,  # it finds the liver, lesions and all; it runs f32 under int8 (`coarse_stage`)
                **{k: getattr(o, k) for k in keep}, device=None if o.device is None else str(o.device))
     except LiverSegError as e:  # the hidden folder is ours: the user asked for OUT
         if Path(e.path) == dest or dest in Path(e.path).parents: raise LiverSegError(o.out, f"coarse stage: {e.problem}") from None
