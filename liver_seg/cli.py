@@ -154,7 +154,7 @@ def quantize(model_dir:str, # model folder written by `liver-seg train`
              data:Annotated[str, dict(nargs='+', metavar='DATA')], # slice folders to calibrate on: the training data, or slices like those it will predict
              slices:_N=None, # calibration inputs (default: 300, NNCF's)
              seed:_N=0,      # the inputs drawn
-             plain:bool=False, # every layer int8, no accuracy control: 2 minutes instead of 22 and a faster graph (1.45x f32 against 1.1x), but a held-out tumour Dice moved by 0.006
+             plain:bool=False, # every layer int8, no accuracy control: 2 minutes instead of 22 and a faster graph (1.5x f32 against 1.1-1.3x), but a held-out tumour Dice moved by 0.006
              Quiet:bool=False): # only the last line
     "Calibrate an int8 graph of a model's fine stage for CPUs with int8 instructions"
     _exists(model_dir, *data)

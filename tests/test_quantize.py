@@ -58,7 +58,7 @@ def test_quantize_command_then_predict_int8(q, tmp_path):
     assert (labels['openvino'] > 0).sum() > 0
     same = (labels['openvino-int8'] == labels['openvino']).mean()
     assert 1 - same <= VOXEL_TOL, same
-    assert np.array_equal(labels['auto'], labels['openvino'])  # int8 is opt-in: the graph that keeps the Dice is 1.1x f32 on real CT
+    assert np.array_equal(labels['auto'], labels['openvino'])  # int8 is opt-in: the graph that keeps the Dice is 1.1-1.3x f32 on real CT
 
 
 def fake_quantize_ops(graph) -> int:
