@@ -155,4 +155,5 @@ def quantize_model(folder, # a model folder (of a coarse-to-fine model: its fine
     if not all(isinstance(p.engine, OpenVINOEngine) for p in model_stages(pred)):
         raise LiverSegError(folder, "cannot make int8 graphs: OpenVINO is not installed or cannot run this network (pip install 'fastai-liver-seg[int8]')")
     g = Path(pred.engine.graph)
-    return [quantize_graph(g, calibration_inputs(pred, data, n, seed)[0], g.with_name(g.name.removesuffix('.onnx') + INT8_GRAPH), max_drop)]
+    samples = calibration_inputs(pred, data, n, seed)[0]  # the fine stage's
+    return [quantize_graph(g, samples, g.with_name(g.name.removesuffix('.onnx') + INT8_GRAPH), max_drop)]
