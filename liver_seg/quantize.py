@@ -59,6 +59,13 @@ def recording(stages:list, # predictors (`model_stages`)
 CALIBRATION_SLICES = 300 # calibration inputs per stage: NNCF's default subset size
 CALIBRATION_CASES = 50 # cases predicted at most to draw them from (in a seeded order): every case of most training sets
 
+def _run_case(pred:Predictor, rows):
+    "Predict one case's slices (rows of `find_slice_pairs`) through `pred`'s stages, for what their engines read; nothing for slices of several sizes"
+    imgs = _slice_images(pred, rows)
+    if len({a.shape for a in imgs}) > 1: return  # not one stack: no box to crop
+    stack = np.stack(imgs)
+    for _ in slab_labels(pred, lambda ks: stack[ks], len(stack)): pass
+
 def calibration_inputs(pred:Predictor, # the model, with the f32 engine its int8 graphs are made from
                        data, # slice folder(s) (images/ + masks/, or images alone): the training data, or slices like those it will predict
                        n:int=CALIBRATION_SLICES, # inputs per stage
@@ -69,11 +76,7 @@ def calibration_inputs(pred:Predictor, # the model, with the f32 engine its int8
     folders = [data] if isinstance(data, (str, Path)) else list(data)
     cases = [rows for f in folders for _, rows in find_slice_pairs(f, masks=False).groupby('case', sort=False)]
     with recording(model_stages(pred), n, seed) as recs:
-        for i in np.random.default_rng(seed).permutation(len(cases))[:max_cases]:
-            imgs = _slice_images(pred, cases[i])
-            if len({a.shape for a in imgs}) > 1: continue  # not one stack: no box to crop
-            stack = np.stack(imgs)
-            for _ in slab_labels(pred, lambda ks: stack[ks], len(stack)): pass
+        for i in np.random.default_rng(seed).permutation(len(cases))[:max_cases]: _run_case(pred, cases[i])
     if not all(r.n for r in recs): raise LiverSegError(folders[0], "no liver found in these slices: nothing for the fine stage to calibrate on")
     return [r.inputs() for r in recs]
 
@@ -152,7 +155,7 @@ def quantize_model(folder, # a model folder (of a coarse-to-fine model: its fine
                   ) -> list: # the int8 graph written: the fine stage's (the coarse stage runs f32)
     "Write an int8 graph beside the fine stage's f32 graph of the model folder `folder`, calibrated on slices of `data`"
     pred = Predictor.from_folder(folder, device='cpu', engine='openvino')
-    if not all(isinstance(p.engine, OpenVINOEngine) for p in model_stages(pred)):
+    if not isinstance(pred.engine, OpenVINOEngine):  # the fine stage's graph is the one quantized
         raise LiverSegError(folder, "cannot make int8 graphs: OpenVINO is not installed or cannot run this network (pip install 'fastai-liver-seg[int8]')")
     g = Path(pred.engine.graph)
     samples = calibration_inputs(pred, data, n, seed)[0]  # the fine stage's
