@@ -147,8 +147,8 @@ def postprocess(labels, # uint8 label volume (X, Y, Z): 0 background, 1 liver, 2
         fg |= tumor
     vox = 1. if spacing is None else float(np.prod(spacing))
     thr = min_tumor_voxels if min_tumor_voxels is not None else math.ceil(min_tumor_mm3 / vox - 1e-9)
-    tbox = mask_bbox(tumor)  # the tumour's own box: a smaller volume to label than the liver's
-    if thr > 1 and tbox is not None: tumor[tbox] = select_components(tumor[tbox], lambda sizes, border: sizes >= thr, s26, slab_voxels)
+    if thr > 1 and (tbox := mask_bbox(tumor)) is not None:  # the tumour's own box: a smaller volume to label than the liver's
+        tumor[tbox] = select_components(tumor[tbox], lambda sizes, border: sizes >= thr, s26, slab_voxels)
     out[...] = 0
     res = out[box]  # a view: written in place
     res[...] = fg
