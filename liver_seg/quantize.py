@@ -1,4 +1,4 @@
-"""Int8 post-training quantization: each stage of a model folder calibrated on the slices it reads, and kept beside its f32 graph for OpenVINO.
+"""Int8 post-training quantization: a model folder's fine stage calibrated on the slices it reads, kept beside its f32 graph for OpenVINO.
 
 Docs: https://liver-seg.github.io/liver_seg/quantize.html.md"""
 
