@@ -163,7 +163,9 @@ def quantize(model_dir:str, # model folder written by `liver-seg train`
     t0, n = time.time(), slices or CALIBRATION_SLICES
     control = '' if plain else f"; the graph keeps in f32 the layers it needs to agree with f32's labels within {MAX_DROP} (minutes: {MAX_REVERTS} steps at most)"
     if not Quiet: print(f"calibrating {model_dir}: {n} inputs of its fine stage, drawn while predicting every case of {', '.join(data)}{control}", flush=True)
-    graphs = quantize_model(model_dir, data[0] if len(data) == 1 else data, n, seed, max_drop=None if plain else MAX_DROP)
+    elapsed = lambda: f"[{int(time.time() - t0) // 60}:{int(time.time() - t0) % 60:02d}]"
+    report = None if Quiet else (lambda line: print(elapsed(), line, flush=True))  # a line per stage and per step: the wait is minutes
+    graphs = quantize_model(model_dir, data[0] if len(data) == 1 else data, n, seed, max_drop=None if plain else MAX_DROP, report=report)
     print(f"int8 graph in {time.time() - t0:.0f} s: " + ', '.join(map(str, graphs)))
     return graphs
 

@@ -6,7 +6,7 @@ Docs: https://liver-seg.github.io/liver_seg/quantize.html.md"""
 
 # %% ../nbs/09c_quantize.ipynb #a754e0a3
 from __future__ import annotations
-import contextlib, io, logging, os, tempfile, warnings
+import contextlib, io, logging, os, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
 from .io import LiverSegError
@@ -94,12 +94,17 @@ MAX_REVERTS = 24 # steps of accuracy control at most (each puts a layer, or the 
 RANKING_INPUTS = 96 # calibration inputs the layers are ranked on: those whose labels int8 changes most (NNCF's default: all of them)
 
 @contextlib.contextmanager
-def _quiet_log(log:logging.Logger):
-    "Only errors from `log` inside the block"
-    level = log.level
-    log.setLevel(logging.ERROR)
+def _quiet_log(log:logging.Logger, listener:logging.Handler|None=None):
+    "Only errors from `log`'s handlers inside the block; `listener` hears its info too"
+    level, levels = log.level, [h.level for h in log.handlers]
+    for h in log.handlers: h.setLevel(logging.ERROR)
+    log.setLevel(logging.INFO if listener is not None else logging.ERROR)
+    if listener is not None: log.addHandler(listener)
     try: yield
-    finally: log.setLevel(level)
+    finally:
+        if listener is not None: log.removeHandler(listener)
+        for h, l in zip(log.handlers, levels): h.setLevel(l)
+        log.setLevel(level)
 
 def _labels(compiled, batches:list) -> list:
     "The class labels an OpenVINO compiled model gives each batch"
@@ -111,18 +116,45 @@ def _agreement_with_f32(compiled, items) -> float:
     items = list(items)
     return label_agreement(np.concatenate(_labels(compiled, [x for x, _ in items])), np.concatenate([y for _, y in items]))
 
+class _Reporter(logging.Handler):
+    "NNCF's validation function (`_agreement_with_f32`), `report`ing the agreement of every layer in int8 and of each step, which NNCF's log tells apart"
+    def __init__(self, report, # called with a line of text
+                 target:float, max_reverts:int):
+        super().__init__(logging.INFO)
+        self.report, self.target, self.max_reverts = report, target, max_reverts
+        self.last, self.step, self.told_int8, self.in_step = None, 0, False, False
+    def _reached(self, a:float) -> str: return f"{a:.4f}, {'reached' if a >= self.target else 'short of'} {self.target:.4f}"
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith('Accuracy drop:') and not self.told_int8 and self.last is not None:  # logged once the int8 graph is validated
+            self.told_int8 = True
+            more = '; ranking the layers to put back in f32' if self.last < self.target else ''
+            self.report(f"every layer int8: labels agree with f32's at {self._reached(self.last)}{more}")
+        elif msg.startswith('Reverted'): self.step, self.in_step = self.step + 1, True  # logged before the step's validation
+        elif msg.startswith('Re-calculating ranking'): self.report("that step lowered the agreement: it is undone and the other layers ranked again")
+    def __call__(self, compiled, items) -> float:
+        self.last = _agreement_with_f32(compiled, items)
+        if self.in_step:
+            self.in_step = False
+            self.report(f"step {self.step} of at most {self.max_reverts}: {self._reached(self.last)}")
+        return self.last
+
 def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
                    samples:np.ndarray, # float32 N x C x H x W calibration inputs (`calibration_inputs`)
                    dest, # the int8 graph to write (.xml; its weights go in the .bin beside it)
                    max_drop:float|None=MAX_DROP, # keep layers in f32 until the labels lose at most this agreement with f32's; None: every layer int8
-                   max_reverts:int=MAX_REVERTS # accuracy control's steps at most (>= 1); short of `max_drop` then, a warning says so
+                   max_reverts:int=MAX_REVERTS, # accuracy control's steps at most (>= 1); short of `max_drop` then, a warning says so
+                   report=None # called with a line of text as accuracy control validates (`print` for a console), or None
                   ) -> Path:
     "An int8 OpenVINO graph of `graph`, calibrated with NNCF's post-training quantization on `samples`, written to `dest`"
-    dest = Path(dest)
+    dest, console = Path(dest), sys.stdout
+    def to_console(line):  # `report` prints where it would have without the redirection below
+        with contextlib.redirect_stdout(console): report(line)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         import openvino as ov, nncf  # nncf says hello on import
         from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
-        with _quiet_log(nncf.nncf_logger):  # its log writes to the stdout it found on import, which no redirection reaches
+        validate = _Reporter(to_console if report else (lambda line: None), 1 - max_drop, max_reverts) if max_drop is not None else None
+        with _quiet_log(nncf.nncf_logger, validate):  # its log writes to the stdout it found on import, which no redirection reaches
             model = ov.Core().read_model(str(graph))
             calibration = nncf.Dataset([samples[i:i + 1] for i in range(len(samples))])
             kw = dict(preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(samples))
@@ -133,7 +165,7 @@ def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
                 reference = OpenVINOEngine(graph, cpu_threads(), 'f32')  # f32 even on a CPU with bf16, as NNCF validates
                 f32 = nncf.Dataset([(x, reference(x).argmax(1).astype(np.uint8)) for x in batches], lambda item: item[0])
                 steps = AdvancedAccuracyRestorerParameters(max_num_iterations=max_reverts, ranking_subset_size=max(1, RANKING_INPUTS // bs))
-                q = nncf.quantize_with_accuracy_control(model, calibration, f32, _agreement_with_f32, max_drop=max_drop, **kw,
+                q = nncf.quantize_with_accuracy_control(model, calibration, f32, validate, max_drop=max_drop, **kw,
                                                         advanced_accuracy_restorer_parameters=steps)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix='.int8-') as tmp:
         ov.save_model(q, str(Path(tmp)/'g.xml'), compress_to_fp16=False)
@@ -151,12 +183,16 @@ def quantize_model(folder, # a model folder (of a coarse-to-fine model: its fine
                    data, # slice folder(s) to calibrate on (`calibration_inputs`)
                    n:int=CALIBRATION_SLICES, # calibration inputs
                    seed:int=0,
-                   max_drop:float|None=MAX_DROP # accuracy control (`quantize_graph`); None: every layer int8
+                   max_drop:float|None=MAX_DROP, # accuracy control (`quantize_graph`); None: every layer int8
+                   report=None # called with a line of text at each stage of the work (`print` for a console), or None
                   ) -> list: # the int8 graph written: the fine stage's (the coarse stage runs f32)
     "Write an int8 graph beside the fine stage's f32 graph of the model folder `folder`, calibrated on slices of `data`"
     pred = Predictor.from_folder(folder, device='cpu', engine='openvino')
     if not isinstance(pred.engine, OpenVINOEngine):  # the fine stage's graph is the one quantized
         raise LiverSegError(folder, "cannot make int8 graphs: OpenVINO is not installed or cannot run this network (pip install 'fastai-liver-seg[int8]')")
     g = Path(pred.engine.graph)
+    t0 = time.time()
     samples = calibration_inputs(pred, data, n, seed)[0]  # the fine stage's
-    return [quantize_graph(g, samples, g.with_name(g.name.removesuffix('.onnx') + INT8_GRAPH), max_drop)]
+    if report is not None: report(f"{len(samples)} calibration inputs{' (all there were)' if len(samples) < n else ''} drawn in {time.time() - t0:.0f} s; " +
+                                  ("quantizing every layer" if max_drop is None else "quantizing with accuracy control"))
+    return [quantize_graph(g, samples, g.with_name(g.name.removesuffix('.onnx') + INT8_GRAPH), max_drop, report=report)]

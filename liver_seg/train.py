@@ -173,7 +173,8 @@ def _quantize(o):
     "Int8 graphs of the finished model, calibrated on its training slices; a failure warns, the model stands"
     from liver_seg.quantize import quantize_model
     t0 = time.time()
-    try: graphs = quantize_model(o.out, o.data, seed=o.seed)
+    report = (lambda line: print('int8:', line, flush=True)) if o.progress else None  # accuracy control takes minutes: a line per step
+    try: graphs = quantize_model(o.out, o.data, seed=o.seed, report=report)
     except Exception as e:
         warnings.warn(f"{o.out}: no int8 graphs ({type(e).__name__}: {str(e).strip()[:200]}); `liver-seg quantize` can make them later")
         return

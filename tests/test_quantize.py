@@ -1,5 +1,5 @@
 "Int8 graphs (liver_seg.quantize): `liver-seg quantize` and `train` make them, `predict` runs them, and a stale or damaged one is never used"
-import shutil, subprocess, sys, warnings
+import re, shutil, subprocess, sys, warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,10 @@ def test_quantize_command_then_predict_int8(q, tmp_path):
     first, last = r.stdout.splitlines()[0], r.stdout.splitlines()[-1]
     assert first.startswith(f'calibrating {m}: 64 inputs of its fine stage, drawn while predicting every case of ') and last == f'int8 graph in {last.split()[3]} s: {graphs[0]}'
     assert "agree with f32's labels within 0.001" in first  # accuracy control is the default
+    steps = r.stdout.splitlines()[1:-1]  # what the minutes between hold: a line per stage and per step, with the time so far
+    assert all(re.match(r'\[\d+:\d\d\] ', l) for l in steps), steps
+    assert re.fullmatch(r'\[\d+:\d\d\] (64 calibration inputs|\d\d? calibration inputs \(all there were\)) drawn in \d+ s; quantizing with accuracy control', steps[0]), steps
+    assert steps[1].split('] ')[1].startswith("every layer int8: labels agree with f32's at "), steps
     assert all(g.with_suffix('.bin').stat().st_size > 0 for g in graphs)
     vol = q/'lits'/'volume-2.nii.gz'  # the validation case: never trained on
     labels = {}
@@ -72,6 +76,8 @@ def test_quantize_plain_puts_every_layer_in_int8(q, tmp_path):
     m = tmp_path/'m'; shutil.copytree(q/'model', m, ignore=shutil.ignore_patterns('.engine'))
     r = run('quantize', m, q/'slices', '--slices', 64, '--plain')
     assert 'f32' not in r.stdout.splitlines()[0], r.stdout
+    assert re.fullmatch(r'\[\d+:\d\d\] (64 calibration inputs|\d\d? calibration inputs \(all there were\)) drawn in \d+ s; quantizing every layer', r.stdout.splitlines()[1]), r.stdout
+    assert 'labels agree' not in r.stdout, r.stdout  # no accuracy control: nothing validated
     plain = int8_graphs(m)
     assert len(plain) == len(controlled) == 1 and fake_quantize_ops(plain[0]) > fake_quantize_ops(controlled[0])
 
