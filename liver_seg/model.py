@@ -6,7 +6,8 @@ Docs: https://liver-seg.github.io/liver_seg/model.html.md"""
 
 # %% ../nbs/06_model.ipynb #779c7cb0
 from __future__ import annotations
-import json, os, warnings
+import contextlib
+import contextlib, json, os, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -53,9 +54,19 @@ def build_model(config:dict, # a `config.json` dict (needs arch, n_in, n_out, si
     net = fn(weights=None)
     if encoder_state is not None: net.load_state_dict(encoder_state)
     body = create_body(net, n_in, encoder_state is not None, meta['cut'])
-    unet = DynamicUnet(body, n_out, (size, size), **config.get('arch_kwargs', {}))
-    if config.get('arch_kwargs', {}).get('bottle') and config['arch_kwargs'].get('last_cross', True): _mend_bottle(unet, n_out)
+    kwargs = dict(config.get('arch_kwargs', {}))
+    with _halving_blocks(kwargs.pop('half_decoder', False)): unet = DynamicUnet(body, n_out, (size, size), **kwargs)
+    if kwargs.get('bottle') and kwargs.get('last_cross', True): _mend_bottle(unet, n_out)
     return unet
+
+@contextlib.contextmanager
+def _halving_blocks(on:bool=True):
+    "Inside the block, fastai's `DynamicUnet` builds every `UnetBlock` with `final_div=False` (half its input's channels out), not only the last"
+    import fastai.vision.models.unet as fu
+    block = fu.UnetBlock
+    if on: fu.UnetBlock = lambda *args, final_div=True, **kwargs: block(*args, final_div=False, **kwargs)  # plain UnetBlocks: learner.pkl unpickles anywhere
+    try: yield
+    finally: fu.UnetBlock = block
 
 def _mend_bottle(unet, n_out):
     "Make the final 1x1 convolution of a `DynamicUnet(bottle=True)` take the halved block's channels"

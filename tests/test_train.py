@@ -13,6 +13,7 @@ from liver_seg.io import LiverSegError
 from liver_seg.model import load_model_folder
 from liver_seg.train import train, load_train_config
 from fastai.layers import ResBlock
+from fastai.vision.models.unet import UnetBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent/'shared'/'data'/'ct-slices'
@@ -170,16 +171,16 @@ def test_kill_9_leaves_no_model_folder_and_resume_finishes(toy, tmp_path):
 
 @pytest.fixture(scope='module')
 def default_unet(toy, tmp_path_factory):
-    "A folder trained with fastai's default U-Net options (resnet18, 32 px, 1 epoch; given, as a CPU without bf16 plans `last_cross=False`)"
+    "A folder trained with fastai's default U-Net options (resnet18, 32 px, 1 epoch; given, as a CPU without bf16 plans `last_cross=False, half_decoder=True`)"
     return train(toy, tmp_path_factory.mktemp('unet')/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'],
-                 pretrained=False, progress=False, cascade=False, last_cross=True, bottle=False)
+                 pretrained=False, progress=False, cascade=False, last_cross=True, bottle=False, half_decoder=False)
 
 
-@pytest.mark.parametrize('option', [{'last_cross': False}, {'bottle': True}])
+@pytest.mark.parametrize('option', [{'last_cross': False}, {'bottle': True}, {'half_decoder': True}])
 def test_lighter_unet_option_is_saved_and_reloads(toy, tmp_path, default_unet, option):
-    "last_cross=False / bottle=True build a lighter U-Net, say so in config.json, and the folder reloads to that network"
+    "last_cross=False / bottle=True / half_decoder=True build a lighter U-Net, say so in config.json, and the folder reloads to that network"
     m = train(toy, tmp_path/'m', arch='resnet18', size=32, epochs=1, bs=8, valid_cases=['3'], pretrained=False,
-              progress=False, cascade=False, **{'last_cross': True, **option})  # `bottle` halves the last block: keep it whatever the plan
+              progress=False, cascade=False, **{'last_cross': True, 'bottle': False, 'half_decoder': False, **option})  # one option changed, whatever the plan
     cfg = json.loads((m/'config.json').read_text())
     (k, v), = option.items()
     assert cfg['arch_kwargs'] == option and cfg['recipe'][k] is v
@@ -189,6 +190,8 @@ def test_lighter_unet_option_is_saved_and_reloads(toy, tmp_path, default_unet, o
     block = net.layers[-3] # the full-resolution ResBlock: halved by bottle, gone without last_cross
     halved = isinstance(block, ResBlock) and block.convpath[0][0].out_channels == block.convpath[0][0].in_channels // 2
     assert halved == (k == 'bottle')
+    blocks = [b for b in net.layers if isinstance(b, UnetBlock)]  # fastai halves the channels of the last block only
+    assert all(b.conv2[0].out_channels == b.conv1[0].in_channels // 2 for b in blocks) == (k == 'half_decoder')
 
 
 def test_crop_trains_on_patches_and_predicts_whole_slices(toy, tmp_path):
