@@ -31,7 +31,7 @@ __all__ = ['UNET_DEFAULTS', 'MONITORS', 'MONITOR', 'PLANS', 'train', 'CPUBF16', 
            'training_plan', 'pretrained_encoder_state', 'load_train_config', 'auto_context']
 
 # %% ../nbs/07_train.ipynb #8f204557
-UNET_DEFAULTS = dict(last_cross=True, bottle=False) # fastai's `DynamicUnet` options `train` exposes, at fastai's defaults
+UNET_DEFAULTS = dict(last_cross=True, bottle=False, half_decoder=False) # the U-Net options `train` exposes, at fastai's defaults (`half_decoder`: `build_model`)
 MONITORS = ('dice_mean', 'liver_dice', 'tumor_dice', 'last') # what may choose the kept epoch: a validation metric, or the last epoch
 MONITOR = 'liver_dice' # the default (bench/RESULTS.md, session 7): the validation metric the kept checkpoint maximises (and `best_epoch` reports)
 
@@ -68,6 +68,7 @@ def train(data, # slice folder: images/ + masks/ (from `prepare` or any slice da
           synth_lesions:float|None=None, # share of the fine stage's training crops that get synthetic lesions (`liver_seg.lesions`; default: the plan's)
           last_cross:bool|None=None, # fastai's full-resolution ResBlock at the U-Net's end (False: a quarter to a third less step time; default: the plan's)
           bottle:bool=True, # that ResBlock with half the channels (fastai's `bottle`; the default: better held-out Dice, bench/RESULTS.md)
+          half_decoder:bool|None=None, # every decoder block halves its channels, not only the last (`liver_seg.model.build_model`; default: the plan's)
           every:int=1, # use every n-th slice of each case
           cascade:bool=True, # coarse to fine: a coarse stage on whole slices at `coarse_size` finds the liver, this model segments its box
           coarse_size:int=64, # the coarse stage's slice size
@@ -137,13 +138,13 @@ def _data_and_config(o):
     recipe = dict(arch=o.arch, size=o.size, crop=o.crop, epochs=o.epochs, bs=o.bs, lr=o.lr, loss=o.loss, optimizer=FusedAdam.__name__, plan=o.plan, fit=o.fit, wd=o.wd, seed=o.seed,
                   pretrained=enc is not None, weights=None if o.weights is None else Path(o.weights).name,
                   precision=o.precision, context=o.context, flip=o.flip, augment=o.augment, tumor_weight=o.tumor_weight, synth_lesions=o.synth_lesions,
-                  last_cross=o.last_cross, bottle=o.bottle, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor, min_epoch=o.min_epoch,
+                  last_cross=o.last_cross, bottle=o.bottle, half_decoder=o.half_decoder, every=o.every, data=[str(p.resolve()) for p in data_folders(o.data)], monitor=o.monitor, min_epoch=o.min_epoch,
                   n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
     if o.cascade: recipe.update(cascade=True, coarse_size=o.coarse_size, coarse_epochs=o.coarse_epochs, crop_margins=list(o.crop_margins))
     if o.world > 1: recipe['processes'] = o.world # bs is per process
     cfg = default_config(arch=o.arch, size=o.size, n_in=3, n_out=3, input=dls.input, normalize=dls.normalize,
                          precision=o.precision, recipe=recipe, split=dls.split)
-    unet_kwargs = {k: v for k, v in dict(last_cross=o.last_cross, bottle=o.bottle and o.last_cross).items() if v != UNET_DEFAULTS[k]}  # no last block: nothing to halve
+    unet_kwargs = {k: v for k, v in dict(last_cross=o.last_cross, bottle=o.bottle and o.last_cross, half_decoder=o.half_decoder).items() if v != UNET_DEFAULTS[k]}  # no last block: nothing to halve
     if unet_kwargs and o.arch != 'simple_cnn': cfg['arch_kwargs'] = unet_kwargs
     cfg['tumor_contrast'] = TUMOR_CONTRAST  # `predict`: tumour is what is darker than the liver (`liver_seg.postprocess.tumor_by_contrast`); null: off
     if o.cascade: cfg['cascade'] = dict(coarse='coarse', margin=round(float(np.mean(o.crop_margins)), 4), z_margin=2)
@@ -263,7 +264,7 @@ def _train_coarse(o):
     dest = _coarse_dir(o.out)
     if o.resume and (dest/'config.json').is_file(): return
     keep = ('arch', 'bs', 'lr', 'loss', 'valid_cases', 'valid_pct', 'pretrained', 'weights', 'precision', 'seed', 'context',
-            'fit', 'wd', 'flip', 'monitor', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'plan', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
+            'fit', 'wd', 'flip', 'monitor', 'augment', 'tumor_weight', 'last_cross', 'bottle', 'half_decoder', 'plan', 'every', 'num_workers', 'progress')  # not `cbs`: they are this run's
     if o.progress and o.rank == 0: print(f"coarse stage: whole slices at {o.coarse_size} px, {o.coarse_epochs} epochs", flush=True)
     try: train(o.data, dest, size=o.coarse_size, epochs=o.coarse_epochs, cascade=False, force=True, synth_lesions=0., quantize=False,  # it finds the liver, lesions and all; it runs f32 under int8 (`coarse_stage`)
                **{k: getattr(o, k) for k in keep}, device=None if o.device is None else str(o.device))
@@ -309,8 +310,8 @@ def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
     return 'bf16', [CPUBF16()]
 
 # %% ../nbs/07_train.ipynb #2f9a0edb
-PLANS = {'standard': dict(epochs=12, coarse_epochs=6, last_cross=True, synth_lesions=0.5), # where bf16 (or a GPU) is used
-         'light': dict(epochs=8, coarse_epochs=4, last_cross=False, synth_lesions=0.5)}   # fp32 on a CPU: the budget without bf16
+PLANS = {'standard': dict(epochs=12, coarse_epochs=6, last_cross=True, half_decoder=False, synth_lesions=0.5), # where bf16 (or a GPU) is used
+         'light': dict(epochs=8, coarse_epochs=4, last_cross=False, half_decoder=True, synth_lesions=0.5)}   # fp32 on a CPU: the budget without bf16
 
 def settled_epoch(epochs:int, # the one-cycle run's epochs
                   pct_start:float=0.25): # the warm-up share of the schedule (fastai's `fit_one_cycle` default)

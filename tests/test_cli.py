@@ -52,8 +52,8 @@ def test_model_folder_is_complete(flow):
     plan = cfg['recipe']['plan']  # the CPU decides: light for fp32 (no bf16), standard with bf16
     assert plan == training_plan('auto', resolve_precision('auto', 'cpu')[0], 'cpu') and coarse['recipe']['plan'] == plan
     assert coarse['recipe']['epochs'] == PLANS[plan]['coarse_epochs']
-    # the U-Net of the plan: the last block halved (RESULTS.md, session 10), or none (light, session 12)
-    assert cfg['arch_kwargs'] == coarse['arch_kwargs'] == ({'bottle': True} if plan == 'standard' else {'last_cross': False})
+    # the U-Net of the plan: the last block halved (RESULTS.md, session 10), or none and every decoder block halved (light, sessions 12 and 18)
+    assert cfg['arch_kwargs'] == coarse['arch_kwargs'] == ({'bottle': True} if plan == 'standard' else {'last_cross': False, 'half_decoder': True})
     assert not any(p.name.startswith('.model') for p in flow.iterdir())  # the hidden coarse folder moved in
     assert list((flow/'model').rglob('*.int8.xml')) == []  # int8 graphs are opt-in (--quantize: tests/test_quantize.py)
 

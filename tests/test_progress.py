@@ -62,7 +62,7 @@ def test_train_table_in_a_pipe(slices, tmp_path):
     assert '█' not in r.stdout and '\r' not in r.stdout
     lines = r.stdout.splitlines()
     assert lines[-1] == f"model folder: {tmp_path/'model'}"
-    assert lines[0] == 'plan light (fp32 on the cpu): epochs=2, coarse_epochs=4, last_cross=False, synth_lesions=0.5', r.stdout  # fp32 on a CPU: the light plan, the given options in it
+    assert lines[0] == 'plan light (fp32 on the cpu): epochs=2, coarse_epochs=4, last_cross=False, half_decoder=True, synth_lesions=0.5', r.stdout  # fp32 on a CPU: the light plan, the given options in it
     assert lines[1] == 'coarse stage: whole slices at 64 px, 4 epochs', r.stdout   # coarse to fine: two tables, each named
     fine = next(i for i, l in enumerate(lines) if l.startswith('fine stage: '))
     assert fine == 2 + 1 + 4 and lines[fine].startswith("fine stage: the liver's box at"), r.stdout
