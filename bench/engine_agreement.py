@@ -51,11 +51,11 @@ def main():
         m = fp32_copy(model, work) if e == 'torch-fp32' else model
         a.predict_args = f"{base} --engine {'torch' if e == 'torch-fp32' else e}"
         _, scores[e], times[e] = score_model(m, work, a, tag=f'_{e}')
-    ref = 'torch'
+    ref = 'torch' if 'torch' in scores else next(iter(scores))  # what the others are compared with
     lab_ref = slice_labels(work/f'pred_{ref}')
     print(f"\nDice per case and engine; model {model}  [{cpu_summary()}]")
     keys = list(scores[ref])
-    print(f"{'engine':14s} " + ' '.join(f'{k:>13s}' for k in keys) + f" {'max |d Dice|':>13s} {'pixels != torch':>16s} {'slices predict s':>17s}")
+    print(f"{'engine':14s} " + ' '.join(f'{k:>13s}' for k in keys) + f" {'max |d Dice|':>13s} {'pixels != ' + ref:>16s} {'slices predict s':>17s}")
     for e, s in scores.items():
         dd = max(abs(s[k] - scores[ref][k]) for k in keys)
         differ = (slice_labels(work/f'pred_{e}') != lab_ref).mean()
