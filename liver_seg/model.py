@@ -6,7 +6,6 @@ Docs: https://liver-seg.github.io/liver_seg/model.html.md"""
 
 # %% ../nbs/06_model.ipynb #779c7cb0
 from __future__ import annotations
-import contextlib
 import contextlib, json, os, warnings
 from pathlib import Path
 import torch
