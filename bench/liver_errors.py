@@ -11,12 +11,12 @@ ceiling: the truth's own liver box (5% margins, as `predict`'s), squished to eac
 import argparse, sys
 from pathlib import Path
 import numpy as np
-from PIL import Image
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from liver_seg.slices import read_mask  # noqa: E402
 from liver_seg.crops import liver_box  # noqa: E402
+from liver_seg.predictor import _resize  # noqa: E402
 from liver_seg.evaluate import overlap_metrics  # noqa: E402
 
 BANDS = [(0, 2), (2, 5), (5, 10), (10, 30), (30, np.inf)]
@@ -34,10 +34,9 @@ def ceiling(truth, size):
     "Dice of the truth squished from its box to `size` px and back, as the fine stage's logits come back"
     z0, z1, r0, r1, c0, c1 = liver_box(truth, margin=0.05, z_margin=2, square=False)
     back = np.zeros_like(truth)
-    for k in range(z0, z1):
-        m = Image.fromarray(truth[k, r0:r1, c0:c1].astype(np.float32))
-        small = m.resize((size, size), Image.BILINEAR)
-        back[k, r0:r1, c0:c1] = np.asarray(small.resize((c1 - c0, r1 - r0), Image.BILINEAR)) > 0.5
+    for k in range(z0, z1):  # `_resize`: the bilinear resize `Predictor.labels` gives the logits on their way back
+        small = _resize(truth[k, r0:r1, c0:c1].astype(np.float32), (size, size))
+        back[k, r0:r1, c0:c1] = _resize(small, (r1 - r0, c1 - c0)) > 0.5
     return overlap_metrics(back, truth)['dice']
 
 
