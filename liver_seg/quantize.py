@@ -153,7 +153,7 @@ def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         import openvino as ov, nncf  # nncf says hello on import
         from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
-        validate = _Reporter(to_console if report else (lambda line: None), 1 - max_drop, max_reverts) if max_drop is not None else None
+        validate = _Reporter(to_console, 1 - max_drop, max_reverts) if report and max_drop is not None else None  # listens to NNCF's log
         with _quiet_log(nncf.nncf_logger, validate):  # its log writes to the stdout it found on import, which no redirection reaches
             model = ov.Core().read_model(str(graph))
             calibration = nncf.Dataset([samples[i:i + 1] for i in range(len(samples))])
@@ -165,7 +165,7 @@ def quantize_graph(graph, # a stage's f32 ONNX graph (`Predictor.engine.graph`)
                 reference = OpenVINOEngine(graph, cpu_threads(), 'f32')  # f32 even on a CPU with bf16, as NNCF validates
                 f32 = nncf.Dataset([(x, reference(x).argmax(1).astype(np.uint8)) for x in batches], lambda item: item[0])
                 steps = AdvancedAccuracyRestorerParameters(max_num_iterations=max_reverts, ranking_subset_size=max(1, RANKING_INPUTS // bs))
-                q = nncf.quantize_with_accuracy_control(model, calibration, f32, validate, max_drop=max_drop, **kw,
+                q = nncf.quantize_with_accuracy_control(model, calibration, f32, validate or _agreement_with_f32, max_drop=max_drop, **kw,
                                                         advanced_accuracy_restorer_parameters=steps)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix='.int8-') as tmp:
         ov.save_model(q, str(Path(tmp)/'g.xml'), compress_to_fp16=False)
